@@ -1,0 +1,32 @@
+"""Base-model families: one small module each, answering where the layers are and how visual tokens flow."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ModelFamily, PreparedInputs
+from .llava_onevision import LlavaOnevisionFamily
+
+FAMILIES: tuple[ModelFamily, ...] = (LlavaOnevisionFamily(),)
+
+
+def family_for(model: nn.Module) -> ModelFamily:
+    """The family module for `model`, or a clear error listing the supported architectures."""
+    for family in FAMILIES:
+        if family.matches(model):
+            return family
+    supported = ", ".join(arch for family in FAMILIES for arch in family.architectures)
+    raise TypeError(
+        f"{type(model).__name__} is not a supported base model. slowfast-adapter wraps: {supported}. "
+        "Load the model with its *ForConditionalGeneration class (e.g. AutoModelForImageTextToText)."
+    )
+
+
+def family_by_name(name: str) -> ModelFamily:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"Unknown model family {name!r}; known: {[f.name for f in FAMILIES]}.")
+
+
+__all__ = ["FAMILIES", "ModelFamily", "PreparedInputs", "family_by_name", "family_for"]

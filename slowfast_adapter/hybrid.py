@@ -1,0 +1,180 @@
+"""Hybrid decoder layers: gated cross-attention of query tokens over the slow tokens.
+
+`SlowBranch` holds the new parameters of one hybrid layer. `HybridLayerHooks` attaches it to an
+unchanged decoder layer of the base model with two forward pre-hooks:
+
+1. on `self_attn`: select the query tokens, project them with the layer's own `q_proj` (and `q_norm`),
+   apply their RoPE, and cross-attend to the slow K/V (projected once per call from the slow tokens
+   normalised by the layer's own `input_layernorm`);
+2. on `o_proj`: add `gate * cross_output` to the self-attention output of the query tokens, before
+   `o_proj`, with `gate = tanh(Linear(self_attn_output)) * tanh(alpha)` and alpha initialised to 0.
+
+Without an active `SlowContext` for this model both hooks do nothing, so the base model runs untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .attention import slow_cross_attention
+from .state import SlowContext, active_context
+
+
+class SlowBranch(nn.Module):
+    """The trainable parameters of one hybrid layer.
+
+    kv_proj: hidden -> 2 * kv_heads * head_dim (K then V, heads in the LLM's own order), with bias.
+    gate_proj: self-attention output (heads * head_dim) -> 1, for the dynamic gate.
+    attn_gate: the scalar alpha, initialised to 0 so the gate starts exactly closed.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        gate: str = "dynamic_tanh",
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.kv_proj = nn.Linear(hidden_size, 2 * num_kv_heads * head_dim, bias=True, device=device, dtype=dtype)
+        self.gate_proj = (
+            nn.Linear(num_heads * head_dim, 1, device=device, dtype=dtype) if gate == "dynamic_tanh" else None
+        )
+        self.attn_gate = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def init_kv_from(self, k_proj: nn.Linear, v_proj: nn.Linear) -> None:
+        """Copy the LLM's k_proj / v_proj into kv_proj (missing biases become zeros)."""
+        width = k_proj.out_features
+        self.kv_proj.weight[:width].copy_(k_proj.weight)
+        self.kv_proj.weight[width:].copy_(v_proj.weight)
+        for bias, source in ((self.kv_proj.bias[:width], k_proj.bias), (self.kv_proj.bias[width:], v_proj.bias)):
+            bias.copy_(source) if source is not None else bias.zero_()
+
+    def project_slow(self, normed_slow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """normed_slow [B, S, D] -> key, value [B, H_kv, S, hd]. No positional encoding on slow keys."""
+        kv = self.kv_proj(normed_slow.to(self.kv_proj.weight.dtype))
+        key, value = rearrange(kv, "b s (two h d) -> two b h s d", two=2, d=self.head_dim)
+        return key, value
+
+    def gate(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """attn_output [B, L, heads * hd] (before o_proj) -> gate [B, L, 1]."""
+        alpha = torch.tanh(self.attn_gate)
+        if self.gate_proj is None:
+            return alpha.expand(*attn_output.shape[:-1], 1)
+        return torch.tanh(self.gate_proj(attn_output.to(self.gate_proj.weight.dtype))) * alpha
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """query [B, H, L, hd]; cos, sin [B, L, hd] (the layer's `position_embeddings`)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return query * cos + rotate_half(query) * sin
+
+
+def default_query_states(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The layer's own query projection: hidden [B, L, D] -> [B, H, L, hd] (q_norm applied if present)."""
+    query = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        query = attn.q_norm(query)
+    return query.transpose(1, 2)
+
+
+def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor [B, L, X], index [B, K] -> [B, K, X]."""
+    return tensor.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
+
+
+class HybridLayerHooks:
+    """Attaches a `SlowBranch` to one decoder layer of the base model (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        owner: int,
+        layer_idx: int,
+        decoder_layer: nn.Module,
+        branch: SlowBranch,
+        query_rope: bool,
+        query_states: Callable[[nn.Module, torch.Tensor], torch.Tensor] = default_query_states,
+        rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = apply_rope,
+    ) -> None:
+        self.owner, self.layer_idx, self.branch = owner, layer_idx, branch
+        self.attn = decoder_layer.self_attn
+        self.norm = decoder_layer.input_layernorm
+        self.query_rope, self.query_states, self.rope = query_rope, query_states, rope
+        self.handles = [
+            self.attn.register_forward_pre_hook(self._before_attention, with_kwargs=True),
+            self.attn.o_proj.register_forward_pre_hook(self._before_o_proj),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def slow_kv(self, context: SlowContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slow K/V of this layer for the active call, projected on first use and then cached."""
+        if self.layer_idx not in context.slow_kv:
+            context.slow_kv[self.layer_idx] = self.branch.project_slow(self.norm(context.slow.tokens))
+        return context.slow_kv[self.layer_idx]
+
+    def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        context = active_context(self.owner)
+        if context is None:
+            return None
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, L, D]
+        batch, length = hidden.shape[:2]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        query_mask = context.query_mask(past, length, batch).to(hidden.device)  # [B, L]
+        counts = query_mask.sum(-1)
+        num_queries = int(counts.max())
+        if num_queries == 0:
+            return None
+        # Query tokens first (stable), so each row's queries are its first `counts[b]` entries.
+        index = torch.argsort((~query_mask).to(torch.int8), dim=-1, stable=True)[:, :num_queries]  # [B, Lq]
+        has_slow = context.slow.has_slow.to(hidden.device)
+        has_slow = has_slow.repeat_interleave(batch // has_slow.shape[0])
+        valid = (torch.arange(num_queries, device=hidden.device) < counts[:, None]) & has_slow[:, None]
+
+        query = self.query_states(self.attn, _gather_tokens(hidden, index))  # [B, H, Lq, hd]
+        if self.query_rope:
+            cos, sin = kwargs["position_embeddings"]
+            cos, sin = (_gather_tokens(t.expand(batch, -1, -1), index) for t in (cos, sin))
+            query = self.rope(query, cos, sin)
+        key, value = self.slow_kv(context)
+        implementation = getattr(self.attn.config, "_attn_implementation", "sdpa")
+        cross = slow_cross_attention(
+            query.to(key.dtype),
+            key,
+            value,
+            context.slow.attend_mask.to(key.device),
+            scaling=self.attn.scaling,
+            implementation="eager" if implementation == "eager" else "sdpa",
+        )
+        context.pending[self.layer_idx] = (index, valid, rearrange(cross, "b h l d -> b l (h d)"))
+        return None
+
+    def _before_o_proj(self, module: nn.Module, args: tuple) -> tuple | None:
+        context = active_context(self.owner)
+        if context is None or self.layer_idx not in context.pending:
+            return None
+        index, valid, cross = context.pending.pop(self.layer_idx)
+        (attn_output,) = args  # [B, L, heads * hd], the self-attention output before o_proj
+        gate = self.branch.gate(_gather_tokens(attn_output, index))  # [B, Lq, 1]
+        update = (gate * cross * valid[..., None]).to(attn_output.dtype)
+        return (attn_output.scatter_add(1, index[..., None].expand_as(update), update),)

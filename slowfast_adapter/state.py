@@ -1,0 +1,116 @@
+"""Per-call state: the slow tokens of one `forward`/`generate` call, scoped with `contextvars`.
+
+Nothing is stored on modules. A call activates a `SlowContext`; the hybrid-layer hooks read it through
+a context variable, which is private to the running thread (and asyncio task), and check that it
+belongs to their own model. Two models, or two threads using one model, never see each other's video.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SlowTokens:
+    """The slow tokens of a batch, padded: tokens [B, S, D], mask [B, S] (True = real token)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def has_slow(self) -> torch.Tensor:
+        """[B] bool: the sample has at least one slow token."""
+        return self.mask.any(-1)
+
+    @property
+    def attend_mask(self) -> torch.Tensor:
+        """[B, S] key mask that never leaves a row empty (empty samples' outputs are zeroed by the caller)."""
+        mask = self.mask.clone()
+        mask[:, 0] |= ~self.has_slow
+        return mask
+
+    @classmethod
+    def pack(cls, items: list[tuple[int, torch.Tensor]], batch_size: int) -> SlowTokens | None:
+        """Concatenate per-item slow tokens [S_i, D] by sample row; None when there are no items."""
+        if not items:
+            return None
+        items = sorted(items, key=lambda item: item[0])  # stable: keeps each sample's items in order
+        rows = torch.tensor([row for row, _ in items])
+        lengths = torch.tensor([tokens.shape[0] for _, tokens in items])
+        flat = torch.cat([tokens for _, tokens in items])  # [N, D]
+        sample = rows.repeat_interleave(lengths)  # [N]
+        per_row = torch.bincount(rows, weights=lengths, minlength=batch_size).long()
+        starts = per_row.cumsum(0) - per_row
+        slot = torch.arange(flat.shape[0]) - starts[sample]
+        tokens = flat.new_zeros(batch_size, int(per_row.max()), flat.shape[-1])
+        mask = torch.zeros(batch_size, tokens.shape[1], dtype=torch.bool, device=flat.device)
+        sample, slot = sample.to(flat.device), slot.to(flat.device)
+        tokens[sample, slot] = flat
+        mask[sample, slot] = True
+        return cls(tokens, mask)
+
+
+@dataclass
+class SlowContext:
+    """Everything the hybrid layers need during one call.
+
+    prompt_query_mask: [B, L0] bool, which prompt tokens query the slow tokens. Tokens past the prompt
+    (generated ones) always query them.
+    slow_kv: layer index -> (key, value) [B, H_kv, S, hd], projected once per call and reused at every
+    decode step.
+    """
+
+    owner: int
+    slow: SlowTokens
+    prompt_query_mask: torch.Tensor
+    slow_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def query_mask(self, past_length: int, length: int, batch: int) -> torch.Tensor:
+        """[batch, length] bool for the tokens at positions past_length .. past_length + length - 1."""
+        prompt = self.prompt_query_mask
+        if batch != prompt.shape[0]:
+            prompt = prompt.repeat_interleave(batch // prompt.shape[0], dim=0)
+        positions = torch.arange(past_length, past_length + length, device=prompt.device)
+        mask = torch.ones(batch, length, dtype=torch.bool, device=prompt.device)
+        inside = positions < prompt.shape[1]
+        mask[:, inside] = prompt[:, positions[inside]]
+        return mask
+
+
+_ACTIVE: ContextVar[SlowContext | None] = ContextVar("slowfast_active_context", default=None)
+_MODES: ContextVar[dict[int, str]] = ContextVar("slowfast_modes", default={})  # noqa: B039 (never mutated)
+
+
+@contextmanager
+def activated(context: SlowContext | None) -> Iterator[None]:
+    """Make `context` the active slow context for the duration of the block (None = no slow path)."""
+    token = _ACTIVE.set(context)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_context(owner: int) -> SlowContext | None:
+    context = _ACTIVE.get()
+    return context if context is not None and context.owner == owner else None
+
+
+@contextmanager
+def mode(owner: int, name: str) -> Iterator[None]:
+    """Run a model (identified by `owner`) in mode `name` within the block, for this thread only."""
+    token = _MODES.set({**_MODES.get(), owner: name})
+    try:
+        yield
+    finally:
+        _MODES.reset(token)
+
+
+def current_mode(owner: int) -> str:
+    return _MODES.get().get(owner, "slowfast")

@@ -1,0 +1,177 @@
+"""Tiny, random, offline video MLLMs and test videos.
+
+Everything here is built from configs (no hub access): a byte-level BPE tokenizer trained in memory,
+the family's stock processor, and a few-layer random model. `save_tiny_llava_onevision(dir)` writes
+both to a folder so that the real `from_pretrained` code paths can be exercised.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'video' %}<video>\n{% elif item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<image>",
+    "<video>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+_CORPUS = [
+    "What is happening in this video? Describe the colours and the shapes.",
+    "A red square moves to the left while a blue circle stays still.",
+    "The answer is yes. The answer is no. red green blue yellow white black",
+    "What color is the star? It is green. How many frames? There are sixteen.",
+    "user assistant system: You are a helpful assistant that watches videos.",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 320):
+    """Byte-level BPE trained in memory on a small corpus, with the special tokens video MLLMs use."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+
+
+def build_tiny_llava_onevision(
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    image_size: int = 32,
+    patch_size: int = 4,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+):
+    """A random LLaVA-OneVision model and its stock processor.
+
+    Returns `(model, processor)`. Frames are `image_size` px; the vision tower sees
+    `(image_size / patch_size)**2` patches per frame, pooled 2x2 by the model into
+    `ceil(image_size / patch_size / 2)**2` video tokens per frame.
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = build_tiny_tokenizer()
+    text_config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        tie_word_embeddings=False,
+    )
+    vision_config = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
+    )
+    pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    # Random init gives near-uniform logits; scale the LM head so greedy decoding is decisive.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+
+    size = {"height": image_size, "width": image_size}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def save_tiny_llava_onevision(directory: str | os.PathLike, **kwargs) -> Path:
+    """Build a tiny LLaVA-OneVision model and save model + processor to `directory`."""
+    directory = Path(directory)
+    model, processor = build_tiny_llava_onevision(**kwargs)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def random_video(num_frames: int, size: int = 32, *, seed: int = 0) -> np.ndarray:
+    """A random uint8 video of shape `(num_frames, size, size, 3)`."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(num_frames, size, size, 3), dtype=np.uint8)
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
+    """Write `frames` (T, H, W, 3) uint8 to an H.264 mp4 with PyAV (H and W must be even)."""
+    import av
+
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "10"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
