@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any
 
 QUERY_TOKENS = ("text", "text_after_first_video", "all")
 GATES = ("dynamic_tanh", "static_tanh")

@@ -158,7 +158,9 @@ class SlowFastModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def unwrap(self) -> nn.Module:
         """Remove the adapter and return the base model as it was (same modules, weights and grad flags)."""

@@ -42,7 +42,9 @@ def conversation(*parts: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def make_inputs(processor, samples: list[tuple[str, ...]], *, frames: int = 8, padding_side: str = "left", seed: int = 0):
+def make_inputs(
+    processor, samples: list[tuple[str, ...]], *, frames: int = 8, padding_side: str = "left", seed: int = 0
+):
     """Processor output for samples like ('video', 'What is it?'); each video is a distinct random clip."""
     processor.tokenizer.padding_side = padding_side
     texts = [processor.apply_chat_template(conversation(*s), add_generation_prompt=True) for s in samples]

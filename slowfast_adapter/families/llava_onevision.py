@@ -62,9 +62,11 @@ class LlavaOnevisionFamily(ModelFamily):
             fast = torch.cat([pool_fast_frames(frames, plan).flatten(1, 3), newline], dim=1)  # [V, N_fast, D]
             native_lengths = torch.full((num_videos,), features.shape[1])
             rows = placeholder_item_rows(input_ids, video_id, native_lengths, what="video")
-            keep = placeholder_keep_mask(input_ids, video_id, native_lengths, torch.full_like(native_lengths, fast.shape[1]))
+            keep = placeholder_keep_mask(
+                input_ids, video_id, native_lengths, torch.full_like(native_lengths, fast.shape[1])
+            )
             mm_outputs["video"] = BaseModelOutputWithPooling(pooler_output=fast)
-            slow_items += [(int(row), video.flatten(0, 2)) for row, video in zip(rows, frames)]
+            slow_items += [(int(row), video.flatten(0, 2)) for row, video in zip(rows, frames, strict=True)]
 
         pixel_values = inputs.get("pixel_values")
         if pixel_values is not None:  # encoded here: the base forward refuses pixels next to encoder outputs
@@ -80,7 +82,7 @@ class LlavaOnevisionFamily(ModelFamily):
             rows = placeholder_item_rows(input_ids, image_id, lengths, what="image")
             mm_outputs["image"] = image_output
             if config.image_slow_tokens:
-                slow_items += [(int(row), image) for row, image in zip(rows, images)]
+                slow_items += [(int(row), image) for row, image in zip(rows, images, strict=True)]
 
         attention_mask = inputs.pop("attention_mask", None)
         if attention_mask is None:
