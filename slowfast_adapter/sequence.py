@@ -93,3 +93,29 @@ def compact_tokens(
         result[..., rows, cols] = tensor[..., keep]
         out[name] = result
     return out
+
+
+def fit_sequence(
+    keep: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    pad_token_id: int,
+    others: dict[str, tuple[torch.Tensor | None, int]] | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Keep the real tokens where `keep` [B, L] is True and re-pad on the side the batch was padded on.
+
+    Returns `input_ids`, `attention_mask` and every entry of `others` (name -> (tensor, pad value)),
+    all fitted to the new length, which is the longest row's count of kept real tokens.
+    """
+    side = padding_side(attention_mask)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    tensors = {"input_ids": (input_ids, pad_token_id), "attention_mask": (attention_mask, 0), **(others or {})}
+    return compact_tokens(keep & attention_mask.bool(), tensors, side=side)
+
+
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] position ids counting only real tokens (padding gets 0), as `generate` builds them."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)

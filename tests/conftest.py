@@ -21,11 +21,6 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_llava_onevision(tmp_path_factory.mktemp("tiny-llava-ov"))
 
 
-@pytest.fixture(scope="session")
-def tiny_eager_dir(tmp_path_factory):
-    return save_tiny_llava_onevision(tmp_path_factory.mktemp("tiny-llava-ov-eager"), attn_implementation="eager")
-
-
 @pytest.fixture
 def base(tiny_dir):
     return LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir).eval()

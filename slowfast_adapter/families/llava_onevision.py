@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import SlowFastConfig
 from ..pooling import plan_fast_frames, pool_fast_frames
-from ..sequence import compact_tokens, padding_side, placeholder_item_rows, placeholder_keep_mask
+from ..sequence import fit_sequence, mask_positions, placeholder_item_rows, placeholder_keep_mask
 from ..state import SlowTokens
 from .base import ModelFamily, PreparedInputs
 
@@ -84,23 +84,22 @@ class LlavaOnevisionFamily(ModelFamily):
             if config.image_slow_tokens:
                 slow_items += [(int(row), image) for row, image in zip(rows, images, strict=True)]
 
-        attention_mask = inputs.pop("attention_mask", None)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         pad_id = text_config.pad_token_id if text_config.pad_token_id is not None else 0
-        compacted = compact_tokens(
+        fitted = fit_sequence(
             keep,
-            {
-                "input_ids": (input_ids, pad_id),
-                "attention_mask": (attention_mask, 0),
-                "labels": (inputs.pop("labels", None), -100),
-            },
-            side=padding_side(attention_mask),
+            input_ids,
+            inputs.pop("attention_mask", None),
+            pad_token_id=pad_id,
+            others={"labels": (inputs.pop("labels", None), -100)},
         )
-        model_inputs = {**inputs, **{k: v for k, v in compacted.items() if v is not None}}
+        model_inputs = {**inputs, **{k: v for k, v in fitted.items() if v is not None}}
+        if pixel_values_videos is not None or pixel_values is not None:
+            # Positions from the mask, as `generate` computes them: a sample's positions do not depend on
+            # how much padding the batch gave it (the slow-path query RoPE sees absolute positions).
+            model_inputs.setdefault("position_ids", mask_positions(fitted["attention_mask"]))
         if mm_outputs:
             model_inputs["mm_encoder_outputs"] = mm_outputs
-        new_ids = compacted["input_ids"]
+        new_ids = fitted["input_ids"]
         return PreparedInputs(
             model_inputs=model_inputs,
             input_ids=new_ids,
