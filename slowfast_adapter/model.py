@@ -132,7 +132,29 @@ class SlowFastModel(nn.Module):
         attention_mask = prepared.model_inputs.get("attention_mask")
         if attention_mask is not None:
             queries = queries & attention_mask.bool()
-        return state.SlowContext(owner=id(self), slow=prepared.slow, prompt_query_mask=queries)
+        context = state.SlowContext(owner=id(self), slow=prepared.slow, prompt_query_mask=queries)
+        # Project every hybrid layer's slow K/V now, once per call and outside any checkpointed layer.
+        for hooks in self._hooks:
+            hooks.slow_kv(context)
+        return context
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Activation checkpointing on every decoder layer of the base, with the slow path recomputed too.
+
+        Uses non-reentrant `torch.utils.checkpoint` with a `context_fn` that re-enters the forward's slow
+        context during the backward recompute.
+        """
+        checkpoint_kwargs = dict(gradient_checkpointing_kwargs or {})
+        if checkpoint_kwargs.get("use_reentrant"):
+            raise ValueError("use_reentrant=True cannot recompute the slow path; leave it False (the default).")
+        checkpoint_kwargs.update(use_reentrant=False, context_fn=state.checkpoint_context_fn)
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+        else:  # transformers releases before activation_checkpointing_enable
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
 
     # ------------------------------------------------------------------------------------ ablations
     @contextmanager

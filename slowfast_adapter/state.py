@@ -8,7 +8,7 @@ belongs to their own model. Two models, or two threads using one model, never se
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -114,3 +114,8 @@ def mode(owner: int, name: str) -> Iterator[None]:
 
 def current_mode(owner: int) -> str:
     return _MODES.get().get(owner, "slowfast")
+
+
+def checkpoint_context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """`context_fn` for `torch.utils.checkpoint`: the recompute in backward runs in the forward's slow context."""
+    return nullcontext(), activated(_ACTIVE.get())

@@ -322,3 +322,23 @@ def test_beam_search_runs_on_the_slow_path(base, processor):
     assert torch.equal(out[::2, : inputs["input_ids"].shape[1]], inputs["input_ids"])
     open_gates(model)
     assert model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False).shape[0] == 2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base, processor):
+    model = sfa.wrap(base, CONFIG)
+    open_gates(model)
+    inputs = make_inputs(processor, SAMPLES[:2])
+    labels = inputs["input_ids"].clone()
+    labels[(labels == base.config.video_token_id) | (inputs["attention_mask"] == 0)] = -100
+    model.train()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in base.model.language_model.layers)
+        model(**inputs, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        model.zero_grad(set_to_none=True)
+    assert all(g.abs().max() > 0 for g in grads[0].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
