@@ -26,6 +26,8 @@ class SlowFastModel(nn.Module):
 
     def __init__(self, base_model: nn.Module, config: SlowFastConfig | None = None) -> None:
         super().__init__()
+        if isinstance(base_model, SlowFastModel):
+            raise TypeError("The model is already a SlowFastModel; wrap its base (`model.unwrap()`) instead.")
         config = config if config is not None else SlowFastConfig()
         family = family_for(base_model)
         layers = family.decoder_layers(base_model)

@@ -90,8 +90,9 @@ def test_generate_equals_greedy_repeated_forward(base, processor, samples):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     for step in range(steps):
         logits = model(input_ids=ids, attention_mask=mask, pixel_values_videos=inputs.get("pixel_values_videos")).logits
-        # Same computation up to kernel blocking of the different sequence lengths.
-        torch.testing.assert_close(out.logits[step], logits[:, -1], rtol=1e-4, atol=1e-4)
+        # Same computation; cached decoding reduces over the keys in another order than one full forward
+        # (measured max difference 1.2e-6 on logits of magnitude ~10 in float32).
+        torch.testing.assert_close(out.logits[step], logits[:, -1], rtol=0, atol=1e-5)
         ids = torch.cat([ids, out.sequences[:, ids.shape[1], None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         assert torch.equal(ids[:, -1], logits[:, -1].argmax(-1))
@@ -342,3 +343,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(base, processor):
     assert all(g.abs().max() > 0 for g in grads[0].values())
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@torch.no_grad()
+def test_bfloat16_base(base, processor):
+    model = sfa.wrap(base.to(torch.bfloat16), CONFIG)
+    assert all(p.dtype == torch.bfloat16 for p in model.slow_branches.parameters())
+    inputs = make_inputs(processor, SAMPLES)
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.bfloat16)
+    logits = model(**inputs).logits
+    with model.slow_path_disabled():
+        assert torch.equal(logits, model(**inputs).logits)
+    open_gates(model)
+    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_wrapping_a_wrapped_model_is_refused(base):
+    model = sfa.wrap(base, CONFIG)
+    with pytest.raises(TypeError, match="already a SlowFastModel"):
+        sfa.wrap(model, CONFIG)
