@@ -146,8 +146,17 @@ def build_tiny_llava_onevision(
 
 def save_tiny_llava_onevision(directory: str | os.PathLike, **kwargs) -> Path:
     """Build a tiny LLaVA-OneVision model and save model + processor to `directory`."""
+    return save_tiny("llava_onevision", directory, **kwargs)
+
+
+TINY_BUILDERS = {"llava_onevision": build_tiny_llava_onevision}
+"""Family name -> builder returning `(model, processor)`; every supported family has one."""
+
+
+def save_tiny(family: str, directory: str | os.PathLike, **kwargs) -> Path:
+    """Build the tiny model of `family` and save model + processor to `directory`."""
     directory = Path(directory)
-    model, processor = build_tiny_llava_onevision(**kwargs)
+    model, processor = TINY_BUILDERS[family](**kwargs)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory

@@ -34,6 +34,8 @@ class ModelFamily:
 
     name: str = ""
     architectures: tuple[str, ...] = ()
+    # Module paths (in the base model) of the multimodal projector, for recipes that also train it.
+    projector_modules: tuple[str, ...] = ()
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.architectures

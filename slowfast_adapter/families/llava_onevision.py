@@ -26,6 +26,7 @@ _FEATURE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
 class LlavaOnevisionFamily(ModelFamily):
     name = "llava_onevision"
     architectures = ("LlavaOnevisionForConditionalGeneration",)
+    projector_modules = ("model.multi_modal_projector",)
 
     def video_grid(self, model: nn.Module) -> tuple[int, int]:
         """(h, w) of one frame's native video token grid."""
