@@ -43,8 +43,11 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 320):
-    """Byte-level BPE trained in memory on a small corpus, with the special tokens video MLLMs use."""
+def build_tiny_tokenizer(vocab_size: int = 320, *, image_token: str = "<image>", video_token: str = "<video>"):
+    """Byte-level BPE trained in memory on a small corpus, with the special tokens video MLLMs use.
+
+    `image_token` / `video_token` name the placeholders the family's processor expands.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -62,7 +65,7 @@ def build_tiny_tokenizer(vocab_size: int = 320):
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        extra_special_tokens={"image_token": image_token, "video_token": video_token},
     )
 
 
@@ -149,7 +152,116 @@ def save_tiny_llava_onevision(directory: str | os.PathLike, **kwargs) -> Path:
     return save_tiny("llava_onevision", directory, **kwargs)
 
 
-TINY_BUILDERS = {"llava_onevision": build_tiny_llava_onevision}
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN3_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(
+    "<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>"
+)  # Qwen3-VL's processor writes vision_start/end around each temporal group itself
+
+
+def _build_tiny_qwen(
+    kind: str,
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    image_size: int = 32,
+    patch_size: int = 4,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+):
+    """A random Qwen2-VL / Qwen2.5-VL / Qwen3-VL model (`kind`) and its stock processor."""
+    import transformers as tf
+
+    tokenizer = build_tiny_tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>")
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"),
+        ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"),
+    ]}  # fmt: skip
+    head_dim = hidden_size // 4
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )
+    vision = dict(depth=2, num_heads=2, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2)
+    if kind == "qwen2_vl":
+        vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
+        config_cls, model_cls, processor_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor
+    elif kind == "qwen2_5_vl":
+        vision.update(hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64, window_size=2 * patch_size * 2,
+                      fullatt_block_indexes=[1], tokens_per_second=2)  # fmt: skip
+        config_cls, model_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
+        processor_cls = tf.Qwen2_5_VLProcessor
+    elif kind == "qwen3_vl":
+        text.update(head_dim=head_dim)
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        vision.update(hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])  # fmt: skip
+        config_cls, model_cls, processor_cls = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor
+    else:
+        raise ValueError(f"unknown Qwen kind {kind!r}")
+    config = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+
+    size = {"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size}
+    common = dict(size=size, patch_size=patch_size, merge_size=2, temporal_patch_size=2)
+    if kind == "qwen3_vl":  # its video size bounds count pixels over time (t * h * w); keep every given frame
+        video_kwargs = {"size": {**size, "longest_edge": 1024 * image_size * image_size}, "do_sample_frames": False}
+    else:
+        video_kwargs = {"cap_pixels_per_frame": True}
+    image_processor_cls = tf.Qwen2VLImageProcessor
+    video_processor_cls = tf.Qwen3VLVideoProcessor if kind == "qwen3_vl" else tf.Qwen2VLVideoProcessor
+    image_processor = image_processor_cls(**common)
+    video_processor = video_processor_cls(**{**common, **video_kwargs})
+    template = QWEN3_CHAT_TEMPLATE if kind == "qwen3_vl" else QWEN_CHAT_TEMPLATE
+    processor = processor_cls(
+        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer, chat_template=template
+    )
+    return model, processor
+
+
+def build_tiny_qwen2_vl(**kwargs):
+    """A random Qwen2-VL model and its stock processor (see `_build_tiny_qwen`)."""
+    return _build_tiny_qwen("qwen2_vl", **kwargs)
+
+
+def build_tiny_qwen2_5_vl(**kwargs):
+    """A random Qwen2.5-VL model and its stock processor (see `_build_tiny_qwen`)."""
+    return _build_tiny_qwen("qwen2_5_vl", **kwargs)
+
+
+def build_tiny_qwen3_vl(**kwargs):
+    """A random Qwen3-VL model and its stock processor (see `_build_tiny_qwen`)."""
+    return _build_tiny_qwen("qwen3_vl", **kwargs)
+
+
+TINY_BUILDERS = {
+    "llava_onevision": build_tiny_llava_onevision,
+    "qwen2_vl": build_tiny_qwen2_vl,
+    "qwen2_5_vl": build_tiny_qwen2_5_vl,
+    "qwen3_vl": build_tiny_qwen3_vl,
+}
 """Family name -> builder returning `(model, processor)`; every supported family has one."""
 
 

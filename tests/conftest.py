@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny LLaVA-OneVision saved to disk once, loaded back with the real from_pretrained."""
+"""Shared fixtures: every supported family's tiny model, saved once, loaded back with the real from_pretrained.
+
+Tests that take the `base`, `processor` or `tiny_dir` fixture run once per family.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +12,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
-from slowfast_adapter.tiny import random_video, save_tiny_llava_onevision  # noqa: E402
+from slowfast_adapter.tiny import TINY_BUILDERS, random_video, save_tiny  # noqa: E402
 
 torch.set_num_threads(2)
+FAMILIES = list(TINY_BUILDERS)
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_llava_onevision(tmp_path_factory.mktemp("tiny-llava-ov"))
+def tiny_dirs(tmp_path_factory):
+    """family -> folder with the saved tiny model and processor (built on first use)."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = save_tiny(family, tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_dir(tiny_dirs, family):
+    return tiny_dirs(family)
 
 
 @pytest.fixture
 def base(tiny_dir):
-    return LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    return AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
 
 
 @pytest.fixture
@@ -38,16 +60,26 @@ def conversation(*parts: str) -> list[dict]:
 
 
 def make_inputs(
-    processor, samples: list[tuple[str, ...]], *, frames: int = 8, padding_side: str = "left", seed: int = 0
+    processor,
+    samples: list[tuple[str, ...]],
+    *,
+    frames: int = 8,
+    padding_side: str = "left",
+    seed: int = 0,
+    video_seeds: list[int] | None = None,
 ):
-    """Processor output for samples like ('video', 'What is it?'); each video is a distinct random clip."""
+    """Processor output for samples like ('video', 'What is it?').
+
+    Video i (in reading order) is a random clip with seed `video_seeds[i]` (default `seed + i`).
+    """
     processor.tokenizer.padding_side = padding_side
     texts = [processor.apply_chat_template(conversation(*s), add_generation_prompt=True) for s in samples]
     num_videos = sum(s.count("video") for s in samples)
     num_images = sum(s.count("image") for s in samples)
+    video_seeds = video_seeds or [seed + i for i in range(num_videos)]
     kwargs = {}
     if num_videos:
-        kwargs["videos"] = [random_video(frames, seed=seed + i) for i in range(num_videos)]
+        kwargs["videos"] = [random_video(frames, seed=s) for s in video_seeds]
     if num_images:
         kwargs["images"] = [random_video(1, size=40, seed=100 + seed + i)[0] for i in range(num_images)]
     return processor(text=texts, return_tensors="pt", padding=True, **kwargs)

@@ -7,11 +7,13 @@ import threading
 import pytest
 import torch
 from conftest import make_inputs, open_gates
+from transformers import AutoModelForImageTextToText
 
 import slowfast_adapter as sfa
 from slowfast_adapter import state
 
-# 4 decoder layers -> hybrid layers 0 and 2; 8-frame videos -> 2 fast frames (temporal pooling 4).
+# 4 decoder layers -> hybrid layers 0 and 2; 8-frame videos -> 2 fast frames (LLaVA: 8 frames pooled by 4;
+# Qwen: 4 temporal groups of 2 frames, pooled by 2).
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2)
 SAMPLES = [("video", "What color is the star?"), ("Tell me", "video", "is it red or blue?"), ("Just text here",)]
 
@@ -88,13 +90,18 @@ def test_generate_equals_greedy_repeated_forward(base, processor, samples):
         return_dict_in_generate=True,
     )  # fmt: skip
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    types = inputs.get("mm_token_type_ids")  # Qwen families: per-token modality ids, 0 for text
+    visual = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     for step in range(steps):
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values_videos=inputs.get("pixel_values_videos")).logits
+        extra = {} if types is None else {"mm_token_type_ids": types}
+        logits = model(input_ids=ids, attention_mask=mask, **visual, **extra).logits
         # Same computation; cached decoding reduces over the keys in another order than one full forward
         # (measured max difference 1.2e-6 on logits of magnitude ~10 in float32).
         torch.testing.assert_close(out.logits[step], logits[:, -1], rtol=0, atol=1e-5)
         ids = torch.cat([ids, out.sequences[:, ids.shape[1], None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if types is not None:
+            types = torch.cat([types, torch.zeros_like(types[:, :1])], dim=1)
         assert torch.equal(ids[:, -1], logits[:, -1].argmax(-1))
     assert torch.equal(out.sequences, ids)
 
@@ -135,17 +142,12 @@ def test_two_videos_in_one_sample_and_each_sample_sees_only_its_own(base, proces
     model = sfa.wrap(base, CONFIG)
     open_gates(model)
     samples = [("video", "and", "video", "same?"), ("video", "What is it?")]
-    inputs = make_inputs(processor, samples)
-    logits = model(**inputs).logits
-    videos = inputs["pixel_values_videos"].clone()
-    other = videos.clone()
-    other[2] = torch.randn_like(other[2])  # sample 1's video
-    changed_other = model(**{**inputs, "pixel_values_videos": other}).logits
+    logits = model(**make_inputs(processor, samples, video_seeds=[0, 1, 2])).logits
+    changed_other = model(**make_inputs(processor, samples, video_seeds=[0, 1, 7])).logits  # sample 1's video
     torch.testing.assert_close(changed_other[0], logits[0], rtol=0, atol=1e-6)
     assert (changed_other[1] - logits[1]).abs().max() > 1e-3
-    second = videos.clone()
-    second[1] = torch.randn_like(second[1])  # sample 0's second video only reaches it as slow tokens + fast tokens
-    assert (model(**{**inputs, "pixel_values_videos": second}).logits[0] - logits[0]).abs().max() > 1e-3
+    changed_second = model(**make_inputs(processor, samples, video_seeds=[0, 7, 2])).logits  # sample 0's 2nd video
+    assert (changed_second[0] - logits[0]).abs().max() > 1e-3
 
 
 @torch.no_grad()
@@ -227,10 +229,8 @@ def test_two_threads_never_see_each_others_video(base, processor):
 
 @torch.no_grad()
 def test_another_models_active_call_is_ignored(tiny_dir, base, processor):
-    from transformers import LlavaOnevisionForConditionalGeneration
-
     model_a = sfa.wrap(base, CONFIG)
-    model_b = sfa.wrap(LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir).eval(), CONFIG)
+    model_b = sfa.wrap(AutoModelForImageTextToText.from_pretrained(tiny_dir).eval(), CONFIG)
     open_gates(model_a)
     open_gates(model_b)
     inputs = make_inputs(processor, SAMPLES[:1])
@@ -244,9 +244,7 @@ def test_another_models_active_call_is_ignored(tiny_dir, base, processor):
 
 @torch.no_grad()
 def test_eager_and_sdpa_agree(base, processor, tiny_dir):
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    eager_base = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    eager_base = AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation="eager").eval()
     assert eager_base.config.text_config._attn_implementation == "eager"
     inputs = make_inputs(processor, SAMPLES)
     logits = []
@@ -298,7 +296,7 @@ def test_query_token_choices(base, processor):
 def test_frame_counts_that_do_not_fit_give_a_clear_error(base, processor):
     model = sfa.wrap(base, CONFIG)
     inputs = make_inputs(processor, SAMPLES[:1], frames=10)
-    with pytest.raises(ValueError, match="10 frames does not fit the fast-token strides"):
+    with pytest.raises(ValueError, match=r"(10 frames|5 temporal groups) does not fit the fast-token strides"):
         model(**inputs)
 
 
@@ -308,7 +306,7 @@ def test_unsupported_model_family_lists_the_supported_ones():
     llm = Qwen2ForCausalLM(
         Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     )
-    with pytest.raises(TypeError, match="Qwen2ForCausalLM is not a supported base model.*LlavaOnevision"):
+    with pytest.raises(TypeError, match="Qwen2ForCausalLM is not a supported base model.*LlavaOnevision.*Qwen3VL"):
         sfa.wrap(llm)
 
 

@@ -6,8 +6,11 @@ from torch import nn
 
 from .base import ModelFamily, PreparedInputs
 from .llava_onevision import LlavaOnevisionFamily
+from .qwen2_5_vl import Qwen2_5_VLFamily
+from .qwen2_vl import Qwen2VLFamily
+from .qwen3_vl import Qwen3VLFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (LlavaOnevisionFamily(),)
+FAMILIES: tuple[ModelFamily, ...] = (LlavaOnevisionFamily(), Qwen2VLFamily(), Qwen2_5_VLFamily(), Qwen3VLFamily())
 
 
 def family_for(model: nn.Module) -> ModelFamily:

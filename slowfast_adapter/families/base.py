@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import SlowFastConfig
 from ..hybrid import apply_rope, default_query_states
+from ..sequence import fit_sequence
 from ..state import SlowTokens
 
 
@@ -66,3 +67,54 @@ class ModelFamily:
             "num_key_value_heads": getattr(text, "num_key_value_heads", None) or num_heads,
             "head_dim": getattr(text, "head_dim", None) or text.hidden_size // num_heads,
         }
+
+
+def pop_input_ids(inputs: dict[str, Any]) -> torch.Tensor:
+    """Take `input_ids` out of the inputs; slow-fast needs them (to find and shorten placeholder runs)."""
+    input_ids = inputs.pop("input_ids", None)
+    if input_ids is None:
+        raise ValueError("slowfast-adapter needs `input_ids` (from the processor), not `inputs_embeds`.")
+    has_visual = any(inputs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
+    if has_visual and inputs.get("position_ids") is not None:
+        raise ValueError(
+            "position_ids cannot be given with images or videos: the sequence is fitted to the fast tokens and "
+            "positions are recomputed for it. Drop position_ids."
+        )
+    return input_ids
+
+
+def finish_prepare(
+    model: nn.Module,
+    inputs: dict[str, Any],
+    input_ids: torch.Tensor,
+    keep: torch.Tensor,
+    mm_outputs: dict[str, Any],
+    slow_items: list[tuple[int, torch.Tensor]],
+    *,
+    visual_token_ids: tuple[int, ...],
+    extra_token_tensors: dict[str, int] | None = None,
+) -> PreparedInputs:
+    """Fit the sequence to `keep` [B, L] and assemble the base-model inputs and slow tokens.
+
+    extra_token_tensors: names of further per-token inputs (e.g. `mm_token_type_ids`) -> pad value;
+    they are fitted like `input_ids`. Labels are fitted with pad -100.
+    """
+    text_config = model.config.get_text_config()
+    pad_id = text_config.pad_token_id if text_config.pad_token_id is not None else 0
+    others = {"labels": (inputs.pop("labels", None), -100)}
+    for name, pad in (extra_token_tensors or {}).items():
+        others[name] = (inputs.pop(name, None), pad)
+    fitted = fit_sequence(keep, input_ids, inputs.pop("attention_mask", None), pad_token_id=pad_id, others=others)
+    model_inputs = {**inputs, **{k: v for k, v in fitted.items() if v is not None}}
+    if mm_outputs:
+        model_inputs["mm_encoder_outputs"] = mm_outputs
+    new_ids = fitted["input_ids"]
+    visual = torch.zeros_like(new_ids, dtype=torch.bool)
+    for token_id in visual_token_ids:
+        visual |= new_ids == token_id
+    return PreparedInputs(
+        model_inputs=model_inputs,
+        input_ids=new_ids,
+        visual_mask=visual,
+        slow=SlowTokens.pack(slow_items, batch_size=input_ids.shape[0]),
+    )

@@ -1,0 +1,108 @@
+"""Qwen2-VL (and the shared Qwen-VL token layout that Qwen2.5-VL and Qwen3-VL refine).
+
+Video path of the base model: two frames form one temporal patch; the vision merger merges 2x2 patches,
+so a video of grid `(T, H, W)` (`video_grid_thw`, in patches) gives `T * (H/2) * (W/2)` tokens. Slow
+tokens are those merged tokens of every temporal group. Fast tokens pool them over groups and over the
+merged grid; the model then sees a video whose grid is the pooled grid, so the base's own M-RoPE code
+(`get_rope_index`, driven by `video_grid_thw` and `mm_token_type_ids`) computes its positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import SlowFastConfig
+from ..pooling import FastPlan, plan_fast_frames, pool_fast_frames
+from ..sequence import placeholder_item_rows, placeholder_keep_mask
+from .base import ModelFamily, PreparedInputs, finish_prepare, pop_input_ids
+
+
+class Qwen2VLFamily(ModelFamily):
+    name = "qwen2_vl"
+    architectures = ("Qwen2VLForConditionalGeneration",)
+    projector_modules = ("model.visual.merger",)
+
+    def prepare(self, model: nn.Module, config: SlowFastConfig, inputs: dict[str, Any]) -> PreparedInputs:
+        inputs = dict(inputs)
+        input_ids = pop_input_ids(inputs)
+        merge = model.config.vision_config.spatial_merge_size
+        video_id, image_id = model.config.video_token_id, model.config.image_token_id
+        mm_outputs = dict(inputs.pop("mm_encoder_outputs", None) or {})
+        slow_items: list[tuple[int, torch.Tensor]] = []
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+
+        pixel_values_videos = inputs.pop("pixel_values_videos", None)
+        if pixel_values_videos is not None:
+            grids = inputs["video_grid_thw"]  # [V, 3] (temporal groups, height, width) in patches
+            output = model.model.get_video_features(pixel_values_videos, grids)
+            plans, fast_grids = [], []
+            for groups, height, width in grids.tolist():
+                plan = plan_fast_frames(groups, config, unit="temporal groups")
+                fast_h, fast_w = plan.fast_grid(height // merge, width // merge)
+                plans.append(plan)
+                fast_grids.append([plan.num_fast_frames, fast_h * merge, fast_w * merge])
+            native = torch.tensor([video.shape[0] for video in output.pooler_output])
+            rows = placeholder_item_rows(input_ids, video_id, native, what="video")
+            slow_items += [(int(row), video) for row, video in zip(rows, output.pooler_output, strict=True)]
+            output.pooler_output = pool_videos(output.pooler_output, grids, plans, merge)
+            self.pool_extra_video_features(output, grids, plans, merge)
+            keep &= self.video_keep_mask(model, input_ids, grids, fast_grids, plans)
+            mm_outputs["video"] = output
+            inputs["video_grid_thw"] = torch.tensor(fast_grids, dtype=grids.dtype, device=grids.device)
+            self.adjust_video_inputs(inputs, plans)
+
+        pixel_values = inputs.pop("pixel_values", None)
+        if pixel_values is not None:  # encoded here: the base forward refuses pixels next to encoder outputs
+            output = model.model.get_image_features(pixel_values, inputs["image_grid_thw"])
+            images = output.pooler_output
+            lengths = torch.tensor([image.shape[0] for image in images])
+            rows = placeholder_item_rows(input_ids, image_id, lengths, what="image")
+            mm_outputs["image"] = output
+            if config.image_slow_tokens:
+                slow_items += [(int(row), image) for row, image in zip(rows, images, strict=True)]
+
+        # Positions stay with the base model: it computes M-RoPE from the fitted ids and pooled grids.
+        return finish_prepare(
+            model,
+            inputs,
+            input_ids,
+            keep,
+            mm_outputs,
+            slow_items,
+            visual_token_ids=(video_id, image_id),
+            extra_token_tensors={"mm_token_type_ids": 0},
+        )
+
+    def video_keep_mask(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        grids: torch.Tensor,
+        fast_grids: list[list[int]],
+        plans: list[FastPlan],
+    ) -> torch.Tensor:
+        """[B, L] tokens to keep: each video keeps its first `fast count` placeholders."""
+        merge = model.config.vision_config.spatial_merge_size
+        native = grids.prod(-1) // merge**2
+        fast = torch.tensor([t * h * w for t, h, w in fast_grids]) // merge**2
+        return placeholder_keep_mask(input_ids, model.config.video_token_id, native, fast)
+
+    def pool_extra_video_features(self, output: Any, grids: torch.Tensor, plans: list[FastPlan], merge: int) -> None:
+        """Pool any further per-token video features the family has (none for Qwen2-VL)."""
+
+    def adjust_video_inputs(self, inputs: dict[str, Any], plans: list[FastPlan]) -> None:
+        """Adapt other per-video inputs to the fast groups (none for Qwen2-VL)."""
+
+
+def pool_videos(
+    videos: tuple[torch.Tensor, ...], grids: torch.Tensor, plans: list[FastPlan], merge: int
+) -> tuple[torch.Tensor, ...]:
+    """Each video's merged tokens [T*h*w, D] on its grid (T, H, W in patches) -> fast tokens [N_fast, D]."""
+    pooled = []
+    for tokens, (groups, height, width), plan in zip(videos, grids.tolist(), plans, strict=True):
+        frames = tokens.view(1, groups, height // merge, width // merge, -1)
+        pooled.append(pool_fast_frames(frames, plan)[0].flatten(0, 2))
+    return tuple(pooled)
