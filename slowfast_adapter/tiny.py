@@ -69,6 +69,32 @@ def build_tiny_tokenizer(vocab_size: int = 320, *, image_token: str = "<image>",
     )
 
 
+def _text_config_kwargs(tokenizer, hidden_size: int, num_layers: int) -> dict:
+    """A small Qwen-style decoder: 4 heads, 2 KV heads (GQA), the tokenizer's special ids."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+    )
+
+
+def _random_init(model_cls, config, *, attn_implementation: str, seed: int):
+    """Seeded random model in eval mode; the LM head is scaled so greedy decoding is decisive."""
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
 def build_tiny_llava_onevision(
     *,
     num_layers: int = 4,
@@ -95,19 +121,7 @@ def build_tiny_llava_onevision(
     )
 
     tokenizer = build_tiny_tokenizer()
-    text_config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
-        tie_word_embeddings=False,
-    )
+    text_config = Qwen2Config(**_text_config_kwargs(tokenizer, hidden_size, num_layers), tie_word_embeddings=False)
     vision_config = SiglipVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -128,12 +142,9 @@ def build_tiny_llava_onevision(
         image_grid_pinpoints=pinpoints,
         tie_word_embeddings=False,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    # Random init gives near-uniform logits; scale the LM head so greedy decoding is decisive.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
+    model = _random_init(
+        LlavaOnevisionForConditionalGeneration, config, attn_implementation=attn_implementation, seed=seed
+    )
 
     size = {"height": image_size, "width": image_size}
     processor = LlavaOnevisionProcessor(
@@ -187,19 +198,8 @@ def _build_tiny_qwen(
         ("vision_end_token_id", "<|vision_end|>"),
     ]}  # fmt: skip
     head_dim = hidden_size // 4
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-    )
+    text = _text_config_kwargs(tokenizer, hidden_size, num_layers)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
     vision = dict(depth=2, num_heads=2, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2)
     if kind == "qwen2_vl":
         vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
@@ -218,11 +218,7 @@ def _build_tiny_qwen(
     else:
         raise ValueError(f"unknown Qwen kind {kind!r}")
     config = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
+    model = _random_init(model_cls, config, attn_implementation=attn_implementation, seed=seed)
 
     size = {"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size}
     common = dict(size=size, patch_size=patch_size, merge_size=2, temporal_patch_size=2)
