@@ -28,6 +28,35 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.experiment import DemoConfig, run
+
+    values = {}
+    if args.recipe:
+        import yaml
+
+        values = yaml.safe_load(Path(args.recipe).read_text()) or {}
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if not _ or key not in DemoConfig.__dataclass_fields__:
+            raise SystemExit(f"slowfast-adapter demo: bad override {item!r}; use key=value with a DemoConfig field.")
+        values[key] = yaml_value(value)
+    run(DemoConfig(**values))
+    return 0
+
+
+def yaml_value(text: str):
+    """Parse a command-line value: '3' -> 3, '1e-3' -> 0.001, '[0, 2]' -> [0, 2], 'true' -> True."""
+    import yaml
+
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .adapter_io import read_adapter_config
 
@@ -51,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     quick.add_argument("--num-frames", dest="num_frames", type=int)
     quick.add_argument("--seed", type=int)
     quick.set_defaults(func=_quickstart)
+
+    demo = commands.add_parser(
+        "demo",
+        help="The needle-in-a-haystack experiment: pretrain a tiny base, train the adapter, compare 4 settings.",
+    )
+    demo.add_argument("--recipe", help="YAML file with DemoConfig fields (e.g. recipes/demo.yaml).")
+    demo.add_argument("overrides", nargs="*", help="DemoConfig overrides as key=value (e.g. adapter_steps=200).")
+    demo.set_defaults(func=_demo)
 
     inspect = commands.add_parser("inspect", help="Print an adapter folder's config and base model.")
     inspect.add_argument("directory")

@@ -43,7 +43,7 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 320, *, image_token: str = "<image>", video_token: str = "<video>"):
+def build_tiny_tokenizer(vocab_size: int = 384, *, image_token: str = "<image>", video_token: str = "<video>"):
     """Byte-level BPE trained in memory on a small corpus, with the special tokens video MLLMs use.
 
     `image_token` / `video_token` name the placeholders the family's processor expands.
@@ -60,7 +60,8 @@ def build_tiny_tokenizer(vocab_size: int = 320, *, image_token: str = "<image>",
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    colours = ["red", "green", "blue", "yellow", "white", "black"] * 100  # common answers: single tokens
+    tok.train_from_iterator(_CORPUS * 4 + colours, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -69,15 +70,17 @@ def build_tiny_tokenizer(vocab_size: int = 320, *, image_token: str = "<image>",
     )
 
 
-def _text_config_kwargs(tokenizer, hidden_size: int, num_layers: int) -> dict:
-    """A small Qwen-style decoder: 4 heads, 2 KV heads (GQA), the tokenizer's special ids."""
+def _text_config_kwargs(
+    tokenizer, hidden_size: int, num_layers: int, num_kv_heads: int = 2, intermediate_size: int | None = None
+) -> dict:
+    """A small Qwen-style decoder: 4 heads, `num_kv_heads` KV heads (GQA), the tokenizer's special ids."""
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=num_kv_heads,
         max_position_embeddings=4096,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -101,6 +104,8 @@ def build_tiny_llava_onevision(
     hidden_size: int = 64,
     image_size: int = 32,
     patch_size: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
     attn_implementation: str = "sdpa",
     seed: int = 0,
 ):
@@ -121,7 +126,10 @@ def build_tiny_llava_onevision(
     )
 
     tokenizer = build_tiny_tokenizer()
-    text_config = Qwen2Config(**_text_config_kwargs(tokenizer, hidden_size, num_layers), tie_word_embeddings=False)
+    text_config = Qwen2Config(
+        **_text_config_kwargs(tokenizer, hidden_size, num_layers, num_kv_heads, intermediate_size),
+        tie_word_embeddings=False,
+    )
     vision_config = SiglipVisionConfig(
         hidden_size=32,
         intermediate_size=64,

@@ -1,0 +1,302 @@
+"""`slowfast-adapter demo`: the needle-in-a-haystack experiment, end to end on a laptop CPU.
+
+1. write the needle videos (mp4) and annotations for the pretrain / train / val / test splits;
+2. pretrain a tiny LLaVA-OneVision on the task with its native tokens at `native_frames` frames, save it
+   with `save_pretrained` (the "pretrained base" a user would download);
+3. load it back, wrap it, train only the slow-fast adapter at `high_frames` frames (checkpoint chosen on
+   the validation split);
+4. on the test split, measure accuracy and LLM prefill FLOPs of (a) the base at its native frame count,
+   (b) fast tokens only at the high frame count, (c) slow-fast at the high frame count, (d) the base with
+   every native token of the high frame count; write JSON, Markdown and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import SlowFastConfig
+from ..model import wrap
+from ..tiny import build_tiny_llava_onevision
+from ..video import read_video
+from .flops import prefill_flops
+from .needle_data import COLORS, QUESTION, read_split, write_split
+
+
+@dataclass
+class DemoConfig:
+    """Defaults of `slowfast-adapter demo` (sized for about 10 minutes on 2 CPU cores)."""
+
+    output_dir: str = "demo-output"
+    native_frames: int = 8
+    high_frames: int = 32
+    frame_size: int = 32
+    patch_size: int = 8  # 4x4 patches per frame, pooled 2x2 by the model: 4 video tokens per frame
+    needle_size: int = 8
+    num_pretrain: int = 2000
+    num_train: int = 800
+    num_val: int = 200
+    num_test: int = 400
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_kv_heads: int = 1
+    intermediate_size: int = 512
+    batch_size: int = 16
+    pretrain_steps: int = 400
+    pretrain_lr: float = 3e-3
+    adapter_steps: int = 300
+    adapter_lr: float = 3e-3
+    eval_every: int = 100
+    seed: int = 0
+    slowfast: dict[str, Any] = field(
+        default_factory=lambda: {
+            "temporal_sampling_stride": 4,
+            "temporal_pooling_stride": 2,
+            "min_fast_frames": 4,
+            "hybrid_layers": [0],
+            "query_tokens": "text_after_first_video",
+        }
+    )
+
+    def slowfast_config(self) -> SlowFastConfig:
+        return SlowFastConfig(**self.slowfast)
+
+
+def _conversation(answer: str | None = None) -> list[dict]:
+    turns = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+    return turns if answer is None else [*turns, {"role": "assistant", "content": answer}]
+
+
+class NeedleTask:
+    """Decoded videos of one split (kept in memory) and batches built with the stock processor."""
+
+    def __init__(self, root: Path, split: str, num_frames: int, processor, *, part: slice = slice(None)) -> None:
+        self.records = read_split(root / f"{split}.jsonl")[part]
+        self.videos = [read_video(root / r["video"], num_frames) for r in self.records]
+        self.answers = [r["conversations"][1]["value"] for r in self.records]
+        self.processor = processor
+        self.prompt = processor.apply_chat_template(_conversation(), add_generation_prompt=True)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def training_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Prompt + answer, labels on the answer tokens only (right padding)."""
+        self.processor.tokenizer.padding_side = "right"
+        texts = [f"{self.prompt}{self.answers[i]}<|im_end|>" for i in indices]
+        batch = self.processor(text=texts, videos=[self.videos[i] for i in indices], return_tensors="pt", padding=True)
+        prompt_len = self.processor(text=[self.prompt], videos=[self.videos[indices[0]]], return_tensors="pt")
+        prompt_len = prompt_len["input_ids"].shape[1]  # same video length for every sample of a split
+        labels = batch["input_ids"].clone()
+        labels[:, :prompt_len] = -100
+        labels[batch["attention_mask"] == 0] = -100
+        batch["labels"] = labels
+        return batch
+
+    def prompt_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        self.processor.tokenizer.padding_side = "left"
+        videos = [self.videos[i] for i in indices]
+        return self.processor(text=[self.prompt] * len(indices), videos=videos, return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def accuracy(model, task: NeedleTask, *, batch_size: int = 50, limit: int | None = None) -> float:
+    """Fraction of videos whose greedy answer starts with the right colour."""
+    model.eval()
+    count = min(len(task), limit or len(task))
+    correct = 0
+    for start in range(0, count, batch_size):
+        indices = list(range(start, min(count, start + batch_size)))
+        inputs = task.prompt_batch(indices)
+        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        texts = task.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        correct += sum(text.strip().startswith(task.answers[i]) for text, i in zip(texts, indices, strict=True))
+    return correct / count
+
+
+def train(
+    model,
+    task: NeedleTask,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    log: Callable[[str], None],
+    name: str,
+    evaluate: Callable[[], float] | None = None,
+    eval_every: int = 0,
+) -> list[float]:
+    """AdamW with linear warmup + cosine decay on the trainable parameters; keeps the best-on-val weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    rng = np.random.default_rng(seed)
+    losses, best, best_state = [], -1.0, None
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        model.train()
+        batch = task.training_batch(rng.choice(len(task), size=batch_size, replace=False).tolist())
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % max(1, steps // 10) == 0 or step == steps:
+            rate = step / (time.perf_counter() - start)
+            log(f"  {name} step {step:4d}/{steps}  loss {np.mean(losses[-20:]):.4f}  ({rate:.1f} steps/s)")
+        if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps):
+            score = evaluate()
+            log(f"  {name} step {step:4d}: validation accuracy {score:.3f}")
+            if score > best:
+                best = score
+                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if best_state is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best_state:
+                    p.copy_(best_state[n])
+    return losses
+
+
+def run(config: DemoConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    config = config or DemoConfig()
+    out = Path(config.output_dir)
+    data = out / "data"
+    torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
+
+    log(f"[1/5] writing needle videos to {data}")
+    sizes = {"frame_size": config.frame_size, "needle_size": config.needle_size}
+    write_split(data, "pretrain", config.num_pretrain, num_frames=config.native_frames, size=sizes["frame_size"],
+                needle_size=config.needle_size)  # fmt: skip
+    for split, count in (("train", config.num_train), ("val", config.num_val), ("test", config.num_test)):
+        write_split(data, split, count, num_frames=config.high_frames, size=config.frame_size,
+                    needle_size=config.needle_size)  # fmt: skip
+    log(f"      {config.num_pretrain} pretrain videos of {config.native_frames} frames; train/val/test "
+        f"{config.num_train}/{config.num_val}/{config.num_test} of {config.high_frames} frames "
+        f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+
+    log(f"[2/5] pretraining a tiny LLaVA-OneVision base on {config.native_frames}-frame videos (native tokens)")
+    base, processor = build_tiny_llava_onevision(
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_kv_heads=config.num_kv_heads,
+        intermediate_size=config.intermediate_size,
+        image_size=config.frame_size,
+        patch_size=config.patch_size,
+        seed=config.seed,
+    )
+    held_out = max(1, config.num_pretrain // 10)  # the base's own validation videos
+    pretrain = NeedleTask(data, "pretrain", config.native_frames, processor, part=slice(0, -held_out))
+    pretrain_val = NeedleTask(data, "pretrain", config.native_frames, processor, part=slice(-held_out, None))
+    train(base, pretrain, steps=config.pretrain_steps, lr=config.pretrain_lr, batch_size=config.batch_size,
+          seed=config.seed, log=log, name="base", evaluate=lambda: accuracy(base, pretrain_val),
+          eval_every=config.eval_every)  # fmt: skip
+    base_dir = out / "pretrained-base"
+    base.save_pretrained(base_dir)
+    processor.save_pretrained(base_dir)
+    log(f"      saved the pretrained base to {base_dir} ({time.perf_counter() - t0:.0f} s)")
+
+    log(f"[3/5] training the slow-fast adapter at {config.high_frames} frames")
+    base = AutoModelForImageTextToText.from_pretrained(base_dir)
+    processor = AutoProcessor.from_pretrained(base_dir)
+    model = wrap(base, config.slowfast_config())
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"      hybrid layers {model.hybrid_layer_indices}; {trainable:,d} trainable of {total:,d} parameters")
+    train_task = NeedleTask(data, "train", config.high_frames, processor)
+    val_task = NeedleTask(data, "val", config.high_frames, processor)
+    train(model, train_task, steps=config.adapter_steps, lr=config.adapter_lr, batch_size=config.batch_size,
+          seed=config.seed + 1, log=log, name="adapter", evaluate=lambda: accuracy(model, val_task),
+          eval_every=config.eval_every)  # fmt: skip
+    model.save_pretrained(out / "adapter")
+    log(f"      saved the adapter to {out / 'adapter'} ({time.perf_counter() - t0:.0f} s)")
+
+    log("[4/5] evaluating on the test split")
+    test_high = NeedleTask(data, "test", config.high_frames, processor)
+    test_native = NeedleTask(data, "test", config.native_frames, processor)
+    sample = test_high.prompt_batch([0])
+    native_sample = test_native.prompt_batch([0])
+    rows = []
+
+    def measure(name: str, description: str, task: NeedleTask, inputs, context=None) -> None:
+        with context() if context else nullcontext():
+            acc = accuracy(model, task)
+            flops = prefill_flops(model, inputs)
+        rows.append({"setting": name, "description": description, "frames": task.videos[0].shape[0],
+                     "accuracy": acc, "llm_prefill_flops": flops["total"], "flops": flops})  # fmt: skip
+        log(f"      {name}: accuracy {acc:.3f}, LLM prefill {flops['total'] / 1e6:.2f} MFLOP")
+
+    measure("(a) base, native frames", "base model, native tokens", test_native, native_sample, model.disable_adapter)
+    measure("(b) fast tokens only", "slow_path_disabled()", test_high, sample, model.slow_path_disabled)
+    measure("(c) slow-fast adapter", "fast tokens + slow cross-attention", test_high, sample)
+    measure("(d) base, all native tokens", "base model, native tokens", test_high, sample, model.disable_adapter)
+
+    log("[5/5] writing the results")
+    summary = {
+        "config": asdict(config),
+        "chance": 1 / len(COLORS),
+        "results": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_results(out, summary)
+    log(markdown_table(summary))
+    log(f"done in {summary['seconds']} s; results in {out / 'results.json'}, results.md, results.png")
+    return summary
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| setting | frames | accuracy | LLM prefill MFLOP |",
+        "|---|---|---|---|",
+    ]
+    for row in summary["results"]:
+        lines.append(
+            f"| {row['setting']} | {row['frames']} | {row['accuracy']:.3f} | {row['llm_prefill_flops'] / 1e6:.2f} |"
+        )
+    lines.append(f"\nChance accuracy: {summary['chance']:.2f}.")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, summary: dict[str, Any]) -> None:
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "results.md").write_text(markdown_table(summary) + "\n")
+    plot(summary, out / "results.png")
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for row in summary["results"]:
+        ax.scatter(row["llm_prefill_flops"] / 1e6, row["accuracy"], s=60)
+        ax.annotate(row["setting"], (row["llm_prefill_flops"] / 1e6, row["accuracy"]), fontsize=8,
+                    xytext=(5, 5), textcoords="offset points")  # fmt: skip
+    ax.axhline(summary["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xlabel("LLM prefill compute per video (MFLOP)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Video needle in a haystack")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,41 @@
+"""LLM prefill FLOPs of one real forward call, counted with `torch.utils.flop_counter`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """QK^T and PV matmuls of scaled-dot-product attention (GQA-aware: K/V may have fewer heads)."""
+    batch, heads, query_len, head_dim = query_shape
+    key_len, value_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * query_len * key_len * (head_dim + value_dim)
+
+
+# CPU SDPA dispatches to a kernel without a registered formula; without this, attention counts as 0.
+SDPA_MAPPING = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+VISION_MODULES = ("vision_tower", "multi_modal_projector", "visual")
+
+
+@torch.no_grad()
+def prefill_flops(model, inputs: dict[str, Any]) -> dict[str, int]:
+    """FLOPs of one prefill of `model` (a SlowFastModel, in whatever mode is active) on `inputs`.
+
+    Returns {'total': LLM prefill (decoder layers over the prompt + the hybrid branch + last-token
+    logits), 'vision': vision tower + projector}. Counted on a real CPU forward.
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=SDPA_MAPPING)
+    with counter:
+        model(**inputs, logits_to_keep=1)
+    per_module = counter.get_flop_counts()
+    total = counter.get_total_flops()
+    vision = 0
+    for name, ops in per_module.items():
+        parts = name.split(".")
+        # count each vision module once: at the outermost name that ends with it
+        if parts[-1] in VISION_MODULES and not any(p in VISION_MODULES for p in parts[:-1]):
+            vision += sum(ops.values())
+    return {"total": int(total - vision), "vision": int(vision)}
