@@ -28,6 +28,22 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .recipe import Recipe
+    from .train import train
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("slowfast_adapter").setLevel(logging.INFO)
+    try:
+        recipe = Recipe.from_yaml(args.recipe, args.overrides)
+    except (OSError, ValueError, TypeError) as err:
+        raise SystemExit(f"slowfast-adapter train: bad recipe {args.recipe}: {err}") from err
+    summary = train(recipe)
+    return 3 if summary["stopped_early"] else 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .adapter_io import read_adapter_config
 
@@ -51,6 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     quick.add_argument("--num-frames", dest="num_frames", type=int)
     quick.add_argument("--seed", type=int)
     quick.set_defaults(func=_quickstart)
+
+    train = commands.add_parser(
+        "train",
+        help="Fine-tune the adapter with a recipe (accelerate: CPU, DDP, FSDP, DeepSpeed; see recipes/).",
+        description="Fine-tune the adapter with a recipe. Multi-process: launch with torchrun or accelerate launch "
+        "(recipes/accelerate/*.yaml). Exit status 3: stopped by SIGTERM/SIGINT after writing a checkpoint.",
+    )
+    train.add_argument("recipe", help="YAML recipe (sections model, slowfast, data, train), e.g. recipes/tiny_cpu.yaml")
+    train.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="Recipe overrides, e.g. train.max_steps=100"
+    )
+    train.set_defaults(func=_train)
 
     inspect = commands.add_parser("inspect", help="Print an adapter folder's config and base model.")
     inspect.add_argument("directory")
