@@ -157,7 +157,8 @@ def render(processor: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tu
 class ConversationDataset(Dataset):
     """LLaVA-format conversations with their videos/images read from disk.
 
-    Frames: `num_frames` uniform frames per video, or a target `fps` capped at `max_frames`. A file that
+    Frames: `num_frames` uniform frames per video, or a target `fps` capped at `max_frames` (the count rounded
+    down to a multiple of `frame_multiple`, which fast-token pooling strides need). A file that
     cannot be read raises `VideoReadError` naming it; with `skip_bad_videos=True` the sample is logged and
     replaced by the next readable one (so batch sizes, and every DDP rank's step count, stay the same).
     """
@@ -171,6 +172,7 @@ class ConversationDataset(Dataset):
         num_frames: int | None = None,
         fps: float | None = None,
         max_frames: int | None = None,
+        frame_multiple: int = 1,
         video_backend: str = "auto",
         skip_bad_videos: bool = False,
     ) -> None:
@@ -182,7 +184,7 @@ class ConversationDataset(Dataset):
         self.records = records
         self.processor = processor
         self.media_root = Path(media_root) if media_root is not None else Path.cwd()
-        self.sampling = {"num_frames": num_frames, "fps": fps, "max_frames": max_frames}
+        self.sampling = {"num_frames": num_frames, "fps": fps, "max_frames": max_frames, "multiple": frame_multiple}
         self.video_backend = video_backend
         self.skip_bad_videos = skip_bad_videos
         self.skipped: dict[int, str] = {}  # record index -> error (in this process)
@@ -231,7 +233,7 @@ class ConversationDataset(Dataset):
 
         try:
             with Image.open(path) as image:
-                return np.asarray(image.convert("RGB"))
+                return np.array(image.convert("RGB"))
         except Exception as err:  # PIL raises many types for bad files
             raise VideoReadError(f"Cannot read image {path} ({err}).") from err
 
@@ -245,8 +247,9 @@ class ConversationCollator:
     batch: shorter videos are padded by repeating their last frame (`pad_frames`, default: automatic).
     """
 
-    def __init__(self, processor: Any, *, pad_frames: bool | None = None) -> None:
+    def __init__(self, processor: Any, *, pad_frames: bool | None = None, **processor_kwargs: Any) -> None:
         self.processor = processor
+        self.processor_kwargs = processor_kwargs
         if pad_frames is None:
             names = getattr(getattr(processor, "video_processor", None), "model_input_names", [])
             pad_frames = "video_grid_thw" not in names
@@ -277,6 +280,7 @@ class ConversationCollator:
             return_tensors="pt",
             return_offsets_mapping=True,
             return_text_replacement_offsets=True,
+            **self.processor_kwargs,
             **kwargs,
         )
         offsets = batch.pop("offset_mapping")

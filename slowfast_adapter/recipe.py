@@ -30,10 +30,12 @@ class DataArgs:
     num_frames: int | None = None
     fps: float | None = None
     max_frames: int | None = None
+    frame_multiple: int | None = None  # fps frame counts round down to this; None: the fast-token strides
     video_backend: str = "auto"
     skip_bad_videos: bool = False
     num_workers: int = 0
     shuffle: bool = True
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)  # extra kwargs for every processor call
 
 
 @dataclass

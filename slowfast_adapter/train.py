@@ -157,6 +157,16 @@ def load_trained_base_parameters(model: SlowFastModel, directory: str | os.PathL
 
 
 # ------------------------------------------------------------------------------------------- data
+def frame_multiple(recipe: Recipe, processor: Any) -> int:
+    """What fps-sampled frame counts round down to: `data.frame_multiple`, or by default the fast-token
+    strides (temporal sampling x pooling) times the processor's temporal patch (2 frames for Qwen-VL)."""
+    if recipe.data.frame_multiple:
+        return recipe.data.frame_multiple
+    config = recipe.slowfast_config()
+    patch = getattr(getattr(processor, "video_processor", None), "temporal_patch_size", None) or 1
+    return config.temporal_sampling_stride * config.temporal_pooling_stride * patch
+
+
 @dataclass
 class DataPlan:
     """Deterministic, resumable data order: the same on every restart, sharded by rank."""
@@ -286,10 +296,11 @@ def train(recipe: Recipe, *, log=None) -> dict[str, Any]:
         num_frames=d.num_frames,
         fps=d.fps,
         max_frames=d.max_frames,
+        frame_multiple=frame_multiple(recipe, processor),
         video_backend=d.video_backend,
         skip_bad_videos=d.skip_bad_videos,
     )
-    collator = ConversationCollator(processor)
+    collator = ConversationCollator(processor, **d.processor_kwargs)
     plan = DataPlan(
         num_samples=len(dataset),
         batch_size=t.per_device_batch_size,
@@ -318,6 +329,7 @@ def train(recipe: Recipe, *, log=None) -> dict[str, Any]:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = t.per_device_batch_size
+        ds_config["gradient_clipping"] = t.max_grad_norm or 0.0
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped: SlowFastModel = accelerator.unwrap_model(model)
     own_weights = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)

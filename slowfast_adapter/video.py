@@ -66,11 +66,13 @@ def sample_indices(
     num_frames: int | None = None,
     fps: float | None = None,
     max_frames: int | None = None,
+    multiple: int = 1,
 ) -> np.ndarray:
     """Frame indices to read from a video of `total` frames at `native_fps`.
 
     Exactly one of `num_frames` (uniform) or `fps` (a target rate, capped at `max_frames` by uniform
-    sampling) must be given. Always at least one frame.
+    sampling) must be given. Always at least one frame. With `fps`, `multiple` > 1 rounds the frame count
+    down to a multiple of it (at least `multiple`, re-spread uniformly), as fast-token pooling strides need.
     """
     if total < 1:
         raise ValueError("The video has no frames.")
@@ -87,7 +89,9 @@ def sample_indices(
     step = max(native_fps / fps, 1.0)  # never more frames than the file has
     indices = np.unique(np.arange(0, total, step).round().astype(np.int64).clip(0, total - 1))
     if max_frames is not None and len(indices) > max_frames:
-        return uniform_indices(total, max_frames)
+        indices = uniform_indices(total, max_frames)
+    if multiple > 1 and len(indices) % multiple:
+        indices = uniform_indices(total, max(multiple, len(indices) // multiple * multiple))
     return indices
 
 
@@ -97,9 +101,12 @@ def read_clip(
     *,
     fps: float | None = None,
     max_frames: int | None = None,
+    multiple: int = 1,
     backend: str = "auto",
 ) -> VideoClip:
     """Read frames of `path` (uniform `num_frames`, or `fps` capped at `max_frames`) with their frame numbers.
+
+    `multiple`: with `fps`, round the frame count down to a multiple of it (see `sample_indices`).
 
     backend: 'decord', 'pyav', or 'auto' (decord when installed, falling back to PyAV if it fails).
     Raises `VideoReadError` naming the file when no backend can read it.
@@ -108,6 +115,8 @@ def read_clip(
     if not path.is_file():
         raise VideoReadError(f"Video file {path} does not exist.")
     sample_indices(1, 1.0, num_frames=num_frames, fps=fps, max_frames=max_frames)  # argument errors first
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}.")
     if backend == "auto":
         try:
             import decord  # noqa: F401
@@ -123,7 +132,7 @@ def read_clip(
     for name in backends:
         try:
             reader = {"decord": _read_decord, "pyav": _read_pyav}[name]
-            return reader(path, dict(num_frames=num_frames, fps=fps, max_frames=max_frames))
+            return reader(path, dict(num_frames=num_frames, fps=fps, max_frames=max_frames, multiple=multiple))
         except Exception as err:  # decoders raise many types; all mean the same thing to the caller
             errors.append(f"{name}: {err}")
     raise VideoReadError(f"Cannot read video {path} ({'; '.join(errors)}).")
