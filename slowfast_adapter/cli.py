@@ -57,6 +57,22 @@ def yaml_value(text: str):
     return yaml.safe_load(text)
 
 
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .recipe import Recipe
+    from .train import train
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("slowfast_adapter").setLevel(logging.INFO)
+    try:
+        recipe = Recipe.from_yaml(args.recipe, args.overrides)
+    except (OSError, ValueError, TypeError) as err:
+        raise SystemExit(f"slowfast-adapter train: bad recipe {args.recipe}: {err}") from err
+    summary = train(recipe)
+    return 3 if summary["stopped_early"] else 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .adapter_io import read_adapter_config
 
@@ -88,6 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--recipe", help="YAML file with DemoConfig fields (e.g. recipes/demo.yaml).")
     demo.add_argument("overrides", nargs="*", help="DemoConfig overrides as key=value (e.g. adapter_steps=200).")
     demo.set_defaults(func=_demo)
+
+    train = commands.add_parser(
+        "train",
+        help="Fine-tune the adapter with a recipe (accelerate: CPU, DDP, FSDP, DeepSpeed; see recipes/).",
+        description="Fine-tune the adapter with a recipe. Multi-process: launch with torchrun or accelerate launch "
+        "(recipes/accelerate/*.yaml). Exit status 3: stopped by SIGTERM/SIGINT after writing a checkpoint.",
+    )
+    train.add_argument("recipe", help="YAML recipe (sections model, slowfast, data, train), e.g. recipes/tiny_cpu.yaml")
+    train.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="Recipe overrides, e.g. train.max_steps=100"
+    )
+    train.set_defaults(func=_train)
 
     inspect = commands.add_parser("inspect", help="Print an adapter folder's config and base model.")
     inspect.add_argument("directory")
