@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlavaOnevisionForConditionalGeneration
 
 import slowfast_adapter as sfa
-from slowfast_adapter.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from slowfast_adapter.adapter_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME
 from slowfast_adapter.tiny import build_tiny_llava_onevision
 
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layers=[1, 3], gate="dynamic_tanh", query_tokens="all")
@@ -43,7 +43,7 @@ def test_save_then_load_into_a_fresh_base_is_exact(saved, tiny_dir, processor):
 
 def test_the_folder_holds_only_the_new_parameters(saved, tiny_dir):
     model, folder = saved
-    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == [README_NAME, CONFIG_NAME, WEIGHTS_NAME]
     tensors = load_file(folder / WEIGHTS_NAME)
     assert tensors.keys() == model.adapter_state_dict().keys()
     assert all(k.startswith("slow_branches.") for k in tensors)
@@ -125,4 +125,4 @@ def test_an_adapter_for_another_base_is_refused(saved):
 def test_saving_twice_replaces_files_atomically(saved):
     model, folder = saved
     model.save_pretrained(folder)
-    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary leftovers
+    assert sorted(p.name for p in folder.iterdir()) == [README_NAME, CONFIG_NAME, WEIGHTS_NAME]  # no temp leftovers
