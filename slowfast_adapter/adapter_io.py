@@ -252,13 +252,13 @@ def load_into(
     model._check_new_name(adapter_name)
     directory = resolve_folder(path_or_hub_id, revision=revision, token=token, subfolder=subfolder)
     meta = read_adapter_config(directory)
-    check_base(model.base_model, meta, directory)
     try:
         config = SlowFastConfig.from_dict(meta["slowfast_config"])
     except (TypeError, ValueError) as err:
         raise AdapterError(f"{directory / CONFIG_NAME}: invalid slowfast_config: {err}") from err
     if bool(meta.get("projector_modules")) != config.train_projector:
         raise AdapterError(f"{directory / CONFIG_NAME}: projector_modules does not match train_projector; corrupt.")
+    check_base(model.base_model, meta, directory)
     lora_config = _read_lora_config(directory, meta)
     tensors = _load_tensors(directory)
     lora_tensors = _load_tensors(directory / LORA_SUBFOLDER) if lora_config is not None else None
