@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -41,8 +42,8 @@ def fresh(tiny_dir):
 
 
 def hooks(model) -> dict[str, tuple]:
-    """Every module's forward hooks and pre-hooks (transformers installs some of its own on the first call)."""
-    return {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    """How many forward hooks and pre-hooks each module has (transformers installs some on the first call)."""
+    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
 
 
 def lora_paths(model) -> list[str]:
@@ -284,3 +285,34 @@ def test_resaving_without_lora_removes_the_stale_lora_files(base, tiny_dir, tmp_
 def test_invalid_lora_and_projector_settings_are_refused(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         sfa.SlowFastConfig(**kwargs)
+
+
+@torch.no_grad()
+def test_disable_adapter_with_lora_is_per_thread(base, processor):
+    model = sfa.wrap(base, VARIANTS["lora+projector"])
+    perturb(model)
+    inputs = make_inputs(processor, SAMPLES[:1])
+    with model.disable_adapter():
+        expected = {"base": model(**inputs).logits}
+    expected["adapter"] = model(**inputs).logits
+    results, errors = {"base": [], "adapter": []}, []
+
+    def run(mode):
+        try:
+            for _ in range(4):
+                if mode == "base":
+                    with model.disable_adapter():
+                        results[mode].append(model(**inputs).logits)
+                else:
+                    results[mode].append(model(**inputs).logits)
+        except Exception as err:  # pragma: no cover - surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(mode,)) for mode in ("base", "adapter")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for mode, logits in results.items():
+        assert len(logits) == 4 and all(torch.equal(x, expected[mode]) for x in logits), mode
