@@ -73,11 +73,15 @@ def base_identity(model: nn.Module, projector_paths: tuple[str, ...] = ()) -> di
         "fingerprint": family_for(model).fingerprint(model),
     }
     if projector_paths:  # a trained projector replaces the base's: its input and output widths must match
-        identity["projector_shapes"] = {
-            f"{path}.{name}": list(param.shape)
-            for path in projector_paths
-            for name, param in model.get_submodule(path).named_parameters()
-        }
+        shapes: dict[str, list[int] | None] = {}
+        for path in projector_paths:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                shapes[path] = None  # this base has no such module
+                continue
+            shapes.update({f"{path}.{name}": list(param.shape) for name, param in module.named_parameters()})
+        identity["projector_shapes"] = shapes
     return identity
 
 

@@ -126,3 +126,20 @@ def test_saving_twice_replaces_files_atomically(saved):
     model, folder = saved
     model.save_pretrained(folder)
     assert sorted(p.name for p in folder.iterdir()) == [README_NAME, CONFIG_NAME, WEIGHTS_NAME]  # no temp leftovers
+
+
+@torch.no_grad()
+def test_an_adapter_in_format_1_still_loads(saved, tiny_dir, processor):
+    """Folders written before LoRA/projector support (format 1: no lora, projector or count entries) load."""
+    model, folder = saved
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    v1 = {k: meta[k] for k in ("slowfast_adapter_version", "hybrid_layers", "slowfast_config")}
+    v1["format_version"] = 1
+    v1["base_model"] = {k: meta["base_model"][k] for k in ("architecture", "name_or_path", "fingerprint")}
+    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "train_projector"):
+        v1["slowfast_config"].pop(name)
+    (folder / CONFIG_NAME).write_text(json.dumps(v1))
+    (folder / README_NAME).unlink()
+    inputs = make_inputs(processor, [("video", "What is it?")])
+    loaded = sfa.SlowFastModel.from_pretrained(LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir), folder)
+    assert torch.equal(loaded.eval()(**inputs).logits, model(**inputs).logits)
