@@ -17,6 +17,7 @@ from conftest import make_inputs
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_adapters_lora import BASE, SAMPLES, fresh, hooks, lora_paths, perturb
+from transformers import AutoProcessor
 
 import slowfast_adapter as sfa
 from slowfast_adapter.adapter_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME
@@ -28,10 +29,12 @@ CONFIG_A = sfa.SlowFastConfig(**BASE, lora_r=4, train_projector=True)
 CONFIG_B = sfa.SlowFastConfig(min_fast_frames=4, hybrid_layers=[0], gate="static_tanh")  # other layers and pooling
 
 
-@pytest.fixture
-def two_adapters(tiny_dir, processor, tmp_path):
-    """Two adapter folders trained (perturbed) separately, and each one's logits on SAMPLES."""
-    inputs = make_inputs(processor, SAMPLES)
+@pytest.fixture(scope="module")
+def two_adapters(tiny_dir, tmp_path_factory):
+    """Two adapter folders trained (perturbed) separately, and each one's logits on SAMPLES (built once: tests
+    that change a folder work on a copy)."""
+    tmp_path = tmp_path_factory.mktemp("two-adapters")
+    inputs = make_inputs(AutoProcessor.from_pretrained(tiny_dir), SAMPLES)
     logits = {}
     for name, config, seed in (("a", CONFIG_A, 1), ("b", CONFIG_B, 2)):
         model = sfa.wrap(fresh(tiny_dir), config)
@@ -82,8 +85,9 @@ def test_only_the_active_adapter_trains(tiny_dir):
 
 
 @torch.no_grad()
-def test_a_failed_load_adapter_changes_nothing(two_adapters, tiny_dir):
+def test_a_failed_load_adapter_changes_nothing(two_adapters, tiny_dir, tmp_path):
     folder_a, folder_b, inputs, logits = two_adapters
+    folder_b = Path(shutil.copytree(folder_b, tmp_path / "b"))
     (folder_b / WEIGHTS_NAME).write_bytes(b"not safetensors")
     model = sfa.SlowFastModel.from_pretrained(fresh(tiny_dir), folder_a)
     before = hooks(model.base_model)
