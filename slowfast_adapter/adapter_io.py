@@ -114,7 +114,7 @@ def save_adapter(model: SlowFastModel, directory: str | os.PathLike, adapter_nam
     if adapter_name in model.lora_configs:
         lora_tensors = {k: v.detach().contiguous().cpu() for k, v in model.lora_state_dict(adapter_name).items()}
         counts["lora"] = sum(v.numel() for v in lora_tensors.values())
-        _save_lora(lora_dir, model.lora_configs[adapter_name], lora_tensors, identity)
+        _save_lora(lora_dir, model.lora_configs[adapter_name], lora_tensors, identity, type(model.base_model))
     else:
         counts["lora"] = 0
         _remove_stale_lora(lora_dir)
@@ -139,7 +139,9 @@ def save_adapter(model: SlowFastModel, directory: str | os.PathLike, adapter_nam
         _atomic_write_text(readme, render(meta))
 
 
-def _save_lora(directory: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], identity: dict) -> None:
+def _save_lora(
+    directory: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], identity: dict, base_cls: type
+) -> None:
     """PEFT's own files, as `PeftModel.save_pretrained` writes them (config through `LoraConfig.save_pretrained`)."""
     import copy
 
@@ -149,7 +151,7 @@ def _save_lora(directory: Path, config: LoraConfig, tensors: dict[str, torch.Ten
     config.base_model_name_or_path = identity["name_or_path"] or None
     config.revision = identity["revision"]
     config.inference_mode = True
-    auto_mapping = {"base_model_class": identity["architecture"], "parent_library": "transformers"}
+    auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
     with tempfile.TemporaryDirectory(prefix=".lora-config-", dir=directory) as tmp:
         config.save_pretrained(tmp, auto_mapping_dict=auto_mapping)
         os.replace(Path(tmp) / CONFIG_NAME, directory / CONFIG_NAME)
