@@ -1,4 +1,14 @@
-"""Adapter files: `adapter_config.json` + `adapter_model.safetensors`, written atomically, loaded strictly."""
+"""Adapter folders: written atomically, loaded strictly.
+
+One adapter folder holds
+- `adapter_config.json`: format version, library version, the `SlowFastConfig`, the base model's identity
+  (architecture, name, revision, a fingerprint of the shapes the adapter depends on) and what else is inside;
+- `adapter_model.safetensors`: the new parameters only (`slow_branches.<layer>.<param>`, and
+  `projector.<base module path>.<param>` when the projector was trained), never base weights;
+- `lora/` (only with LoRA): PEFT's own `adapter_config.json` + `adapter_model.safetensors`;
+- `README.md`: a model card.
+Every file is written to a temporary name beside its target and renamed into place.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +20,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, lora
 from .config import SlowFastConfig
 from .families import family_for
+from .lora import LORA_SUBFOLDER
 
 if TYPE_CHECKING:
+    from peft import LoraConfig
+
     from .model import SlowFastModel
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+README_NAME = "README.md"
+FORMAT_VERSION = 2  # 2: optional lora/ subfolder and projector tensors; 1 (read too): slow branches only
+READABLE_FORMAT_VERSIONS = (1, 2)
+DEFAULT_ADAPTER = "default"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 
 
@@ -43,31 +59,113 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def base_identity(model: nn.Module) -> dict[str, Any]:
-    family = family_for(model)
-    return {
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def base_identity(model: nn.Module, projector_paths: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Who the base is (architecture, name, Hub revision if known) and the shapes an adapter depends on."""
+    config = model.config
+    identity = {
         "architecture": type(model).__name__,
-        "name_or_path": getattr(model.config, "_name_or_path", "") or "",
-        "fingerprint": family.fingerprint(model),
+        "name_or_path": getattr(config, "_name_or_path", "") or "",
+        "revision": getattr(config, "_commit_hash", None),
+        "fingerprint": family_for(model).fingerprint(model),
     }
+    if projector_paths:  # a trained projector replaces the base's: its input and output widths must match
+        shapes: dict[str, list[int] | None] = {}
+        for path in projector_paths:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                shapes[path] = None  # this base has no such module
+                continue
+            shapes.update({f"{path}.{name}": list(param.shape) for name, param in module.named_parameters()})
+        identity["projector_shapes"] = shapes
+    return identity
 
 
-def save_adapter(model: SlowFastModel, directory: str | os.PathLike) -> None:
+# ----------------------------------------------------------------------------------------------- save
+def save_adapters(model: SlowFastModel, directory: str | os.PathLike, selected: list[str] | None = None) -> None:
+    """Save adapters as PEFT lays them out: "default" in `directory`, any other in `directory/<name>/`."""
+    names = list(model.slowfast_adapters) if selected is None else list(selected)
+    unknown = [n for n in names if n not in model.slowfast_adapters]
+    if unknown or not names:
+        raise ValueError(
+            f"Cannot save adapters {unknown or names}: loaded adapters are {list(model.slowfast_adapters)}."
+        )
+    for name in names:
+        folder = Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
+        save_adapter(model, folder, name)
+
+
+def save_adapter(model: SlowFastModel, directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Write one adapter folder (see the module docstring); adapter_config.json is written last."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.adapter_state_dict().items()}
+    config = model.slowfast_configs[adapter_name]
+    adapter = model.slowfast_adapters[adapter_name]
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.adapter_state_dict(adapter_name).items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    identity = base_identity(model.base_model, model.family.projector_modules if adapter.projectors else ())
+    counts = {"slowfast": sum(v.numel() for k, v in tensors.items() if k.startswith("slow_branches."))}
+    counts["projector"] = sum(v.numel() for k, v in tensors.items() if k.startswith("projector."))
+    lora_dir = directory / LORA_SUBFOLDER
+    if adapter_name in model.lora_configs:
+        lora_tensors = {k: v.detach().contiguous().cpu() for k, v in model.lora_state_dict(adapter_name).items()}
+        counts["lora"] = sum(v.numel() for v in lora_tensors.values())
+        _save_lora(lora_dir, model.lora_configs[adapter_name], lora_tensors, identity, type(model.base_model))
+    else:
+        counts["lora"] = 0
+        _remove_stale_lora(lora_dir)
     meta = {
         "format_version": FORMAT_VERSION,
+        "library_name": "slowfast-adapter",
         "slowfast_adapter_version": __version__,
-        "hybrid_layers": model.hybrid_layer_indices,
-        "base_model": base_identity(model.base_model),
-        "slowfast_config": model.slowfast_config.to_dict(),
+        "base_model_name_or_path": identity["name_or_path"],  # PEFT's names for the base, for Hub tooling
+        "revision": identity["revision"],
+        "base_model": identity,
+        "hybrid_layers": adapter.hybrid_layer_indices,
+        "slowfast_config": config.to_dict(),
+        "projector_modules": list(model.family.projector_modules) if adapter.projectors else None,
+        "lora": LORA_SUBFOLDER if adapter_name in model.lora_configs else None,
+        "num_parameters": counts,
     }
+    _atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    from .model_card import is_generated, render
+
+    readme = directory / README_NAME
+    if not readme.exists() or is_generated(readme.read_text(errors="replace")):  # never overwrite a user's card
+        _atomic_write_text(readme, render(meta))
+
+
+def _save_lora(
+    directory: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], identity: dict, base_cls: type
+) -> None:
+    """PEFT's own files, as `PeftModel.save_pretrained` writes them (config through `LoraConfig.save_pretrained`)."""
+    import copy
+
+    directory.mkdir(exist_ok=True)
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    config = copy.deepcopy(config)
+    config.base_model_name_or_path = identity["name_or_path"] or None
+    config.revision = identity["revision"]
+    config.inference_mode = True
+    auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
+    with tempfile.TemporaryDirectory(prefix=".lora-config-", dir=directory) as tmp:
+        config.save_pretrained(tmp, auto_mapping_dict=auto_mapping)
+        os.replace(Path(tmp) / CONFIG_NAME, directory / CONFIG_NAME)
 
 
+def _remove_stale_lora(directory: Path) -> None:
+    """An adapter re-saved without LoRA: drop the LoRA files an earlier save left (they no longer apply)."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        (directory / name).unlink(missing_ok=True)
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
+
+
+# ----------------------------------------------------------------------------------------------- load
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
@@ -77,11 +175,16 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{path} is not valid JSON ({err}); the adapter folder is corrupt.") from err
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION:
-        raise AdapterError(
-            f"{path} has adapter format version {version!r}; this slowfast-adapter {__version__} reads version "
-            f"{FORMAT_VERSION}. Install the slowfast-adapter version that wrote it "
+    if version not in READABLE_FORMAT_VERSIONS:
+        hint = (
+            "It is a PEFT adapter: load it with peft.PeftModel.from_pretrained."
+            if isinstance(meta, dict) and "peft_type" in meta
+            else "Install the slowfast-adapter version that wrote it "
             f"({meta.get('slowfast_adapter_version') if isinstance(meta, dict) else 'unknown'})."
+        )
+        raise AdapterError(
+            f"{path} has adapter format version {version!r}; this slowfast-adapter {__version__} reads versions "
+            f"{list(READABLE_FORMAT_VERSIONS)}. {hint}"
         )
     for key in ("slowfast_config", "base_model"):
         if key not in meta:
@@ -89,49 +192,146 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> SlowFastModel:
-    from .model import SlowFastModel
-
-    directory = Path(directory)
-    meta = read_adapter_config(directory)
+def check_base(base_model: nn.Module, meta: dict[str, Any], directory: Path) -> None:
+    """Refuse an adapter saved for a base with other shapes."""
     expected = meta["base_model"]
-    actual = base_identity(base_model)
-    if expected.get("fingerprint") != actual["fingerprint"]:
-        diff = {
-            k: (v, actual["fingerprint"].get(k))
-            for k, v in (expected.get("fingerprint") or {}).items()
-            if actual["fingerprint"].get(k) != v
-        }
+    actual = base_identity(base_model, tuple(meta.get("projector_modules") or ()))
+    diff = {
+        k: (v, actual["fingerprint"].get(k))
+        for k, v in (expected.get("fingerprint") or {}).items()
+        if actual["fingerprint"].get(k) != v
+    }
+    if expected.get("fingerprint") != actual["fingerprint"] and not diff:
+        diff = {"fingerprint": (expected.get("fingerprint"), actual["fingerprint"])}
+    for name, shape in (expected.get("projector_shapes") or {}).items():
+        if actual.get("projector_shapes", {}).get(name) != shape:
+            diff[name] = (shape, actual.get("projector_shapes", {}).get(name))
+    if diff:
         raise AdapterError(
             f"The adapter in {directory} was saved for another base model ({expected.get('architecture')} "
             f"'{expected.get('name_or_path')}'); this base is {actual['architecture']} "
             f"'{actual['name_or_path']}'. Differences (adapter, this base): {diff}. Load it onto the base it was "
             "trained for."
         )
+
+
+def load_adapter(
+    base_model: nn.Module,
+    path_or_hub_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
+    is_trainable: bool = False,
+    token: str | None = None,
+    subfolder: str | None = None,
+) -> SlowFastModel:
+    """Wrap `base_model` with the saved adapter; on any error the base is left exactly as it was."""
+    from .model import SlowFastModel
+
+    model = SlowFastModel._bare(base_model, adapter_name)
+    try:
+        load_into(
+            model, path_or_hub_id, adapter_name, revision=revision, is_trainable=is_trainable, token=token,
+            subfolder=subfolder,
+        )  # fmt: skip
+    except BaseException:
+        model.unwrap()
+        raise
+    return model
+
+
+def load_into(
+    model: SlowFastModel,
+    path_or_hub_id: str | os.PathLike,
+    adapter_name: str,
+    *,
+    revision: str | None = None,
+    is_trainable: bool = False,
+    token: str | None = None,
+    subfolder: str | None = None,
+) -> None:
+    """Add the saved adapter to `model` as `adapter_name`; all checks run before anything changes, and a
+    failure while filling the new modules removes them again."""
+    from .hub import resolve_folder
+
+    model._check_wrapped()
+    model._check_new_name(adapter_name)
+    directory = resolve_folder(path_or_hub_id, revision=revision, token=token, subfolder=subfolder)
+    meta = read_adapter_config(directory)
     try:
         config = SlowFastConfig.from_dict(meta["slowfast_config"])
     except (TypeError, ValueError) as err:
         raise AdapterError(f"{directory / CONFIG_NAME}: invalid slowfast_config: {err}") from err
+    if bool(meta.get("projector_modules")) != config.train_projector:
+        raise AdapterError(f"{directory / CONFIG_NAME}: projector_modules does not match train_projector; corrupt.")
+    check_base(model.base_model, meta, directory)
+    lora_config = _read_lora_config(directory, meta)
     tensors = _load_tensors(directory)
-    model = SlowFastModel(base_model, config)
-    expected_state = model.adapter_state_dict()
-    missing = sorted(set(expected_state) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected_state))
-    if missing or unexpected:
-        model.unwrap()
+    lora_tensors = _load_tensors(directory / LORA_SUBFOLDER) if lora_config is not None else None
+    try:
+        model._add_adapter(adapter_name, config, lora_config)
+    except ValueError as err:  # e.g. the saved LoRA targets do not exist in this base
+        raise AdapterError(f"The adapter in {directory} does not fit this base model: {err}") from err
+    try:
+        _copy_checked(model.adapter_state_dict(adapter_name), tensors, directory / WEIGHTS_NAME)
+        if lora_tensors is not None:
+            _check_keys_and_shapes(model.lora_state_dict(adapter_name), lora_tensors, directory / LORA_SUBFOLDER)
+            lora.load_state_dict(model.base_model, lora_tensors, adapter_name)
+            loaded = model.lora_state_dict(adapter_name)
+            if not all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in lora_tensors.items()):
+                raise AdapterError(f"PEFT did not load every LoRA tensor of {directory / LORA_SUBFOLDER} exactly.")
+    except BaseException:
+        model._drop_adapter(adapter_name)
+        raise
+    model.set_adapter_trainable(adapter_name, is_trainable)
+
+
+def _read_lora_config(directory: Path, meta: dict[str, Any]) -> LoraConfig | None:
+    lora_dir = directory / LORA_SUBFOLDER
+    if not meta.get("lora"):
+        if (lora_dir / CONFIG_NAME).exists() or (lora_dir / WEIGHTS_NAME).exists():
+            raise AdapterError(
+                f"{lora_dir} holds LoRA files but {directory / CONFIG_NAME} says the adapter has no LoRA; the folder "
+                "mixes two saves. Save the adapter again into an empty folder."
+            )
+        return None
+    if meta["lora"] != LORA_SUBFOLDER or not (lora_dir / CONFIG_NAME).is_file():
         raise AdapterError(
-            f"{directory / WEIGHTS_NAME} does not match its config: missing tensors {missing}, unexpected "
-            f"tensors {unexpected}. The folder is corrupt or was edited."
+            f"{directory / CONFIG_NAME} says the adapter has LoRA, but {lora_dir / CONFIG_NAME} is missing."
         )
-    wrong = {k: (tuple(v.shape), tuple(expected_state[k].shape)) for k, v in tensors.items()}
+    from peft import LoraConfig, PeftConfig
+
+    try:
+        config = PeftConfig.from_pretrained(str(lora_dir))
+    except Exception as err:  # PEFT raises several types for a bad config
+        raise AdapterError(f"{lora_dir / CONFIG_NAME} is not a readable PEFT config ({err}).") from err
+    if not isinstance(config, LoraConfig):
+        raise AdapterError(f"{lora_dir / CONFIG_NAME} is a {type(config).__name__}, not a LoraConfig.")
+    return config
+
+
+def _check_keys_and_shapes(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(
+            f"{path} does not match its config: missing tensors {missing}, unexpected tensors {unexpected}. The "
+            "folder is corrupt or was edited."
+        )
+    wrong = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in tensors.items()}
     wrong = {k: shapes for k, shapes in wrong.items() if shapes[0] != shapes[1]}
     if wrong:
-        model.unwrap()
-        raise AdapterError(f"{directory / WEIGHTS_NAME} has tensors of the wrong shape (file, expected): {wrong}.")
+        raise AdapterError(
+            f"{path} has tensors of the wrong shape (file, expected): {wrong}. The folder is corrupt, or was saved "
+            "for a base model with other layer sizes."
+        )
+
+
+def _copy_checked(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    _check_keys_and_shapes(targets, tensors, path)
     with torch.no_grad():
-        for key, target in expected_state.items():
+        for key, target in targets.items():
             target.copy_(tensors[key])
-    return model
 
 
 def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -148,3 +348,51 @@ def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterError(f"{path} is not a readable safetensors file ({err}); the adapter is corrupt.") from err
+
+
+# -------------------------------------------------------------------------------------------- inspect
+def tensor_counts(path: Path) -> dict[str, int]:
+    """Parameter count per key prefix (`slow_branches`, `projector`, ...) from the safetensors header only."""
+    counts: dict[str, int] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            numel = 1
+            for size in handle.get_slice(key).get_shape():
+                numel *= size
+            group = key.split(".", 1)[0]
+            counts[group] = counts.get(group, 0) + numel
+    return counts
+
+
+def inspect_summary(directory: str | os.PathLike) -> str:
+    """A readable summary of an adapter folder; parameter counts come from the safetensors headers (no load)."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    base = meta["base_model"]
+    counts = tensor_counts(directory / WEIGHTS_NAME) if (directory / WEIGHTS_NAME).is_file() else {}
+    lora_dir = directory / LORA_SUBFOLDER
+    lora_count = sum(tensor_counts(lora_dir / WEIGHTS_NAME).values()) if (lora_dir / WEIGHTS_NAME).is_file() else 0
+    slowfast, projector = counts.pop("slow_branches", 0), counts.pop("projector", 0)
+    lines = [
+        f"adapter:      {directory}",
+        f"format:       version {meta['format_version']}, written by slowfast-adapter "
+        f"{meta.get('slowfast_adapter_version', '?')}",
+        f"base model:   {base.get('name_or_path') or '?'} ({base.get('architecture', '?')})"
+        + (f" @ {base['revision']}" if base.get("revision") else ""),
+        f"base shapes:  {json.dumps(base.get('fingerprint'), sort_keys=True)}",
+        f"parameters:   {slowfast + projector + lora_count + sum(counts.values()):,d} "
+        f"(slow-fast {slowfast:,d}, projector {projector:,d}, LoRA {lora_count:,d})",
+        f"hybrid layers: {meta.get('hybrid_layers')}",
+    ]
+    if meta.get("lora"):
+        lora_meta = json.loads((lora_dir / CONFIG_NAME).read_text()) if (lora_dir / CONFIG_NAME).is_file() else {}
+        lora_line = ", ".join(f"{k}={lora_meta.get(k)}" for k in ("r", "lora_alpha", "lora_dropout", "target_modules"))
+        lines.append(f"LoRA:         {LORA_SUBFOLDER}/ (PEFT format): {lora_line}")
+    else:
+        lines.append("LoRA:         none")
+    lines.append(f"projector:    {', '.join(meta['projector_modules']) if meta.get('projector_modules') else 'base'}")
+    if counts:
+        lines.append(f"other tensors: {counts}")
+    lines.append("config:")
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in sorted(meta["slowfast_config"].items())]
+    return "\n".join(lines)

@@ -74,10 +74,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .adapter_io import read_adapter_config
+    from .adapter_io import AdapterError, inspect_summary, read_adapter_config
 
-    meta = read_adapter_config(args.directory)
-    print(json.dumps(meta, indent=2, sort_keys=True))
+    try:
+        if args.json:
+            print(json.dumps(read_adapter_config(args.directory), indent=2, sort_keys=True))
+        else:
+            print(inspect_summary(args.directory))
+    except AdapterError as err:
+        print(f"slowfast-adapter inspect: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -117,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.set_defaults(func=_train)
 
-    inspect = commands.add_parser("inspect", help="Print an adapter folder's config and base model.")
+    inspect = commands.add_parser(
+        "inspect", help="Summarise an adapter folder: base model, parameter counts, LoRA, projector, config."
+    )
     inspect.add_argument("directory")
+    inspect.add_argument("--json", action="store_true", help="Print adapter_config.json as is instead.")
     inspect.set_defaults(func=_inspect)
 
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ from typing import Any
 QUERY_TOKENS = ("text", "text_after_first_video", "all")
 GATES = ("dynamic_tanh", "static_tanh")
 KV_INITS = ("from_llm", "random")
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -82,6 +83,31 @@ class SlowFastConfig:
             "images always keep their native tokens in the sequence."
         },
     )
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "Rank of an optional LoRA (real PEFT) on the language model, trained together with the slow-fast "
+            "parameters and saved in PEFT's format in the adapter's `lora/` folder; 0 = no LoRA. For full control "
+            "pass a `peft.LoraConfig` to `wrap(..., lora_config=...)` instead."
+        },
+    )
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (PEFT's `lora_alpha`)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (e.g. ['q_proj', 'v_proj']) that get LoRA, only inside the language model's decoder "
+            "layers (never the vision tower); None = every attention and MLP linear "
+            f"({', '.join(LORA_DEFAULT_TARGETS)}); ['all-linear'] = every linear of the decoder layers."
+        },
+    )
+    train_projector: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the multimodal projector (as the reference's first stage does): the adapter keeps its "
+            "own trainable copy, saved in adapter_model.safetensors; the base's projector is never modified."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("temporal_sampling_stride", "temporal_pooling_stride", "spatial_pooling_stride"):
@@ -101,7 +127,24 @@ class SlowFastConfig:
         _check_choice("query_tokens", self.query_tokens, QUERY_TOKENS)
         _check_choice("gate", self.gate, GATES)
         _check_choice("kv_init", self.kv_init, KV_INITS)
-        for name in ("query_rope", "image_slow_tokens"):
+        _check_int("lora_r", self.lora_r, minimum=0)
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}.")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, int | float):
+            raise TypeError(f"lora_dropout must be a number, got {self.lora_dropout!r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.lora_target_modules is not None:
+            if isinstance(self.lora_target_modules, str):
+                self.lora_target_modules = [self.lora_target_modules]
+            self.lora_target_modules = list(self.lora_target_modules)
+            if not self.lora_target_modules or not all(isinstance(t, str) and t for t in self.lora_target_modules):
+                raise ValueError(
+                    f"lora_target_modules must be a non-empty list of module names, got {self.lora_target_modules!r}."
+                )
+            if self.lora_r == 0:
+                raise ValueError("lora_target_modules is set but lora_r is 0 (no LoRA): set lora_r > 0 to use LoRA.")
+        for name in ("query_rope", "image_slow_tokens", "train_projector"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 

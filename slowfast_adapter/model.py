@@ -3,70 +3,80 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from . import state
+from . import lora, state
+from .adapters import SlowFastAdapter
 from .config import SlowFastConfig
 from .families import ModelFamily, PreparedInputs, family_for
-from .hybrid import HybridLayerHooks, SlowBranch
+from .hybrid import HybridLayerHooks
+from .lora import LORA_SUBFOLDER
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 
 class SlowFastModel(nn.Module):
-    """Wraps a base model: frozen base, trainable slow-fast parameters in `slow_branches`.
+    """Wraps a base model: frozen base, trainable slow-fast parameters in named adapters.
 
-    The base model's modules are not replaced: hybrid layers attach through forward pre-hooks that act
-    only while one of this model's calls is running (see `hybrid.py`), and `unwrap()` removes them.
-    Attributes the wrapper does not define (config, device, generation_config, ...) come from the base.
+    The base model's modules are not replaced (except by PEFT's LoRA layers, when LoRA is configured): hybrid
+    layers attach through forward pre-hooks that act only while one of this model's calls is running (see
+    `hybrid.py`), and `unwrap()` removes them. Attributes the wrapper does not define (config, device,
+    generation_config, ...) come from the base.
+
+    Adapters (PEFT-like): `slowfast_adapters[name]` holds each adapter's new modules; the one named
+    `active_adapter` ("default" at first) runs; `add_adapter`, `load_adapter`, `set_adapter`,
+    `delete_adapter` manage them. `slow_branches`, `slowfast_config` and `hybrid_layer_indices` are the
+    active adapter's. In-memory parameter names are `slowfast_adapters.<name>.slow_branches.<layer>.<param>`,
+    `slowfast_adapters.<name>.projectors.<i>.<param>`, and PEFT's `...lora_A.<name>.weight` in the base.
     """
 
-    def __init__(self, base_model: nn.Module, config: SlowFastConfig | None = None) -> None:
+    def __init__(
+        self,
+        base_model: nn.Module,
+        config: SlowFastConfig | None = None,
+        *,
+        lora_config: LoraConfig | None = None,
+        adapter_name: str = "default",
+    ) -> None:
         super().__init__()
         if isinstance(base_model, SlowFastModel):
             raise TypeError("The model is already a SlowFastModel; wrap its base (`model.unwrap()`) instead.")
-        config = config if config is not None else SlowFastConfig()
-        family = family_for(base_model)
-        layers = family.decoder_layers(base_model)
+        self._setup(base_model, adapter_name)
+        try:
+            self.add_adapter(adapter_name, config, lora_config=lora_config)
+        except BaseException:
+            self.unwrap()
+            raise
+
+    def _setup(self, base_model: nn.Module, adapter_name: str) -> None:
+        self.family: ModelFamily = family_for(base_model)
         self.base_model = base_model
-        self.slowfast_config = config
-        self.family: ModelFamily = family
-        self.hybrid_layer_indices = config.resolve_hybrid_layers(len(layers))
-        text = family.text_config(base_model)
-        branches = {}
-        for idx in self.hybrid_layer_indices:
-            attn = layers[idx].self_attn
-            weight = attn.k_proj.weight
-            branch = SlowBranch(
-                hidden_size=text.hidden_size,
-                num_heads=text.num_attention_heads,
-                num_kv_heads=text.num_attention_heads // attn.num_key_value_groups,
-                head_dim=attn.head_dim,
-                gate=config.gate,
-                device=weight.device,
-                dtype=weight.dtype,
-            )
-            if config.kv_init == "from_llm":
-                branch.init_kv_from(attn.k_proj, attn.v_proj)
-            branches[str(idx)] = branch
-        self.slow_branches = nn.ModuleDict(branches)
+        self.slowfast_adapters = nn.ModuleDict()
+        self.slowfast_configs: dict[str, SlowFastConfig] = {}
+        self.lora_configs: dict[str, LoraConfig] = {}  # adapters with LoRA only
+        self._active_adapter = adapter_name
+        self._trainable: dict[str, bool] = {}  # adapter -> trains while active
         self._base_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
+        self._hooks: dict[str, list[HybridLayerHooks]] | None = {}
+        self._extra_hooks: list[torch.utils.hooks.RemovableHandle] = []  # projector and LoRA base-mode hooks
         base_model.requires_grad_(False)
-        self._hooks = [
-            HybridLayerHooks(
-                owner=id(self),
-                layer_idx=idx,
-                decoder_layer=layers[idx],
-                branch=self.slow_branches[str(idx)],
-                query_rope=config.query_rope,
-                query_states=family.query_states,
-                rope=family.rope,
-            )
-            for idx in self.hybrid_layer_indices
-        ]
+
+    @classmethod
+    def _bare(cls, base_model: nn.Module, adapter_name: str) -> SlowFastModel:
+        """A wrapper without adapters yet (the loader adds the saved one as `adapter_name`)."""
+        if isinstance(base_model, SlowFastModel):
+            raise TypeError("The model is already a SlowFastModel; pass its base (`model.unwrap()`) instead.")
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._setup(base_model, adapter_name)
+        return model
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -134,9 +144,12 @@ class SlowFastModel(nn.Module):
         attention_mask = prepared.model_inputs.get("attention_mask")
         if attention_mask is not None:
             queries = queries & attention_mask.bool()
-        context = state.SlowContext(owner=id(self), slow=prepared.slow, prompt_query_mask=queries)
+        # Owned by the active adapter: only its hybrid-layer hooks act during this call.
+        adapter = self._active_adapter
+        owner = id(self.slowfast_adapters[adapter])
+        context = state.SlowContext(owner=owner, slow=prepared.slow, prompt_query_mask=queries)
         # Project every hybrid layer's slow K/V now, once per call and outside any checkpointed layer.
-        for hooks in self._hooks:
+        for hooks in self._hooks[adapter]:
             hooks.slow_kv(context)
         return context
 
@@ -161,20 +174,205 @@ class SlowFastModel(nn.Module):
     # ------------------------------------------------------------------------------------ ablations
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the block (this thread), calls run the untouched base model: native video tokens."""
+        """Within the block (this thread), calls run the untouched base model: native video tokens, no LoRA, the
+        base's own projector (each LoRA-wrapped linear then runs its base layer once more)."""
         with state.mode(id(self), "base"):
             yield
 
     @contextmanager
     def slow_path_disabled(self) -> Iterator[None]:
-        """Within the block (this thread), calls use fast tokens only, without cross-attention."""
+        """Within the block (this thread), calls use fast tokens only, without cross-attention (LoRA and a trained
+        projector stay on)."""
         with state.mode(id(self), "fast_only"):
             yield
 
+    # ------------------------------------------------------------------------------------- adapters
+    @property
+    def active_adapter(self) -> str:
+        """The name of the adapter that runs (PEFT's `active_adapter`)."""
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter]
+
+    @property
+    def slow_branches(self) -> nn.ModuleDict:
+        """The active adapter's hybrid-layer branches: layer index (str) -> `SlowBranch`."""
+        return self.slowfast_adapters[self._active_adapter].slow_branches
+
+    @property
+    def slowfast_config(self) -> SlowFastConfig:
+        """The active adapter's `SlowFastConfig` (it also sets the fast-token pooling of each call)."""
+        return self.slowfast_configs[self._active_adapter]
+
+    @property
+    def hybrid_layer_indices(self) -> list[int]:
+        return self.slowfast_adapters[self._active_adapter].hybrid_layer_indices
+
+    def add_adapter(
+        self, adapter_name: str, config: SlowFastConfig | None = None, *, lora_config: LoraConfig | None = None
+    ) -> None:
+        """Add a new, freshly initialised adapter (not activated: use `set_adapter`), trainable once active.
+
+        LoRA comes from `config.lora_r` / `lora_*` or from `lora_config` (a `peft.LoraConfig`; its
+        `target_modules` names are restricted to the language model's decoder layers, a regex is used as given).
+        """
+        self._check_wrapped()
+        self._check_new_name(adapter_name)
+        config = config if config is not None else SlowFastConfig()
+        if not isinstance(config, SlowFastConfig):
+            raise TypeError(f"config must be a SlowFastConfig, got {type(config).__name__}.")
+        layers = self.family.decoder_layers(self.base_model)
+        self._add_adapter(adapter_name, config, lora.resolve_lora_config(config, lora_config, self.base_model, layers))
+
+    def _add_adapter(self, adapter_name: str, config: SlowFastConfig, lora_config: LoraConfig | None) -> None:
+        """Add adapter modules and LoRA exactly as given (the loader passes the saved `LoraConfig`)."""
+        self._check_new_name(adapter_name)
+        adapter = SlowFastAdapter(self.base_model, self.family, config)
+        self.slowfast_adapters[adapter_name] = adapter
+        self.slowfast_configs[adapter_name] = config
+        self._trainable[adapter_name] = True
+        try:
+            if lora_config is not None:
+                self.lora_configs[adapter_name] = lora_config
+                lora.inject(self.base_model, lora_config, adapter_name)
+            self._after_adapter_change()
+        except BaseException:
+            self._drop_adapter(adapter_name)
+            raise
+
+    def load_adapter(
+        self,
+        path_or_hub_id: str | os.PathLike,
+        adapter_name: str,
+        *,
+        revision: str | None = None,
+        is_trainable: bool = False,
+        token: str | None = None,
+        subfolder: str | None = None,
+    ) -> None:
+        """Load a saved adapter (local folder or Hub repo) as `adapter_name`, beside the others (not activated).
+
+        Refuses, with `AdapterError`, anything that does not match this base exactly; nothing changes then.
+        `is_trainable=False` (PEFT's default) loads it frozen, for inference.
+        """
+        from .adapter_io import load_into
+
+        load_into(
+            self, path_or_hub_id, adapter_name, revision=revision, is_trainable=is_trainable, token=token,
+            subfolder=subfolder,
+        )  # fmt: skip
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the adapter that runs (slow branches, projector and LoRA); model-wide, like PEFT."""
+        self._check_wrapped()
+        if adapter_name not in self.slowfast_adapters:
+            raise ValueError(f"No adapter named {adapter_name!r}; loaded adapters: {list(self.slowfast_adapters)}.")
+        self._active_adapter = adapter_name
+        lora.activate(self.base_model, adapter_name)
+        self._refresh_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter that is not active (its modules, LoRA and hooks)."""
+        self._check_wrapped()
+        if adapter_name not in self.slowfast_adapters:
+            raise ValueError(f"No adapter named {adapter_name!r}; loaded adapters: {list(self.slowfast_adapters)}.")
+        if adapter_name == self._active_adapter:
+            raise ValueError(f"{adapter_name!r} is the active adapter: `set_adapter` another one before deleting it.")
+        self._drop_adapter(adapter_name)
+
+    def set_adapter_trainable(self, adapter_name: str, trainable: bool) -> None:
+        """Whether `adapter_name`'s parameters train while it is active (loaded adapters start frozen)."""
+        if adapter_name not in self.slowfast_adapters:
+            raise ValueError(f"No adapter named {adapter_name!r}; loaded adapters: {list(self.slowfast_adapters)}.")
+        self._trainable[adapter_name] = bool(trainable)
+        self._refresh_trainable()
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\"):
+            raise ValueError(f"Adapter names are non-empty and have no '.', '/' or '\\\\': got {adapter_name!r}.")
+        if adapter_name == LORA_SUBFOLDER:
+            raise ValueError(f"{LORA_SUBFOLDER!r} is reserved (the LoRA subfolder of a saved adapter): pick another.")
+        if adapter_name in self.slowfast_adapters:
+            raise ValueError(f"An adapter named {adapter_name!r} exists already: pick another name or delete it.")
+
+    def _drop_adapter(self, adapter_name: str) -> None:
+        lora.remove_adapter(self.base_model, adapter_name)
+        self.lora_configs.pop(adapter_name, None)
+        self.slowfast_configs.pop(adapter_name, None)
+        self._trainable.pop(adapter_name, None)
+        if adapter_name in self.slowfast_adapters:
+            del self.slowfast_adapters[adapter_name]
+        if self.slowfast_adapters:
+            self._after_adapter_change()
+        else:
+            self._remove_hooks()
+
+    def _after_adapter_change(self) -> None:
+        """Re-install every hook on the modules that are called now (LoRA layers may have replaced linears)."""
+        self._remove_hooks()
+        layers = self.family.decoder_layers(self.base_model)
+        for name, adapter in self.slowfast_adapters.items():
+            config = self.slowfast_configs[name]
+            self._hooks[name] = [
+                HybridLayerHooks(
+                    owner=id(adapter),
+                    layer_idx=idx,
+                    decoder_layer=layers[idx],  # o_proj hook on `self_attn.o_proj`: the LoRA layer if there is one
+                    branch=adapter.slow_branches[str(idx)],
+                    query_rope=config.query_rope,
+                    query_states=self.family.query_states,
+                    rope=self.family.rope,
+                )
+                for idx in adapter.hybrid_layer_indices
+            ]
+        if any(adapter.projectors is not None for adapter in self.slowfast_adapters.values()):
+            for index, path in enumerate(self.family.projector_modules):
+                module = self.base_model.get_submodule(path)
+                self._extra_hooks.append(module.register_forward_hook(self._projector_hook(module, index)))
+        self._extra_hooks += lora.base_mode_hooks(self.base_model, lambda: state.current_mode(id(self)) == "base")
+        lora.activate(self.base_model, self._active_adapter)
+        self._refresh_trainable()
+
+    def _projector_hook(self, base_module: nn.Module, index: int):
+        """Forward hook on the base's projector: outside `disable_adapter()`, the active adapter's copy answers."""
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if module is not base_module or state.current_mode(id(self)) == "base":
+                return None
+            projectors = self.slowfast_adapters[self._active_adapter].projectors
+            return None if projectors is None else projectors[index](*args)
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for hooks in (self._hooks or {}).values():
+            for hook in hooks:
+                hook.remove()
+        for handle in self._extra_hooks:
+            handle.remove()
+        self._hooks, self._extra_hooks = {}, []
+
+    def _refresh_trainable(self) -> None:
+        """Only the active adapter trains (PEFT's rule), and only if it is trainable."""
+        for name, adapter in self.slowfast_adapters.items():
+            on = name == self._active_adapter and self._trainable.get(name, True)
+            adapter.requires_grad_(on)
+            for param in lora.adapter_parameters(self.base_model, name):
+                param.requires_grad_(on)
+
     # ---------------------------------------------------------------------------------- parameters
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The new parameters only, keyed `slow_branches.<layer>.<name>`."""
-        return {f"slow_branches.{k}": v for k, v in self.slow_branches.state_dict().items()}
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """An adapter's slow-fast parameters (active adapter by default), keyed as in adapter_model.safetensors:
+        `slow_branches.<layer>.<name>` and, with a trained projector, `projector.<base module path>.<name>`.
+        LoRA weights are in `lora_state_dict`."""
+        return self.slowfast_adapters[adapter_name or self._active_adapter].state_dict_for_file(self.family)
+
+    def lora_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """An adapter's LoRA weights keyed as PEFT saves them (`base_model.model.<path>.lora_A.weight`); {} if none."""
+        name = adapter_name or self._active_adapter
+        return lora.state_dict(self.base_model, name) if name in self.lora_configs else {}
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -187,10 +385,13 @@ class SlowFastModel(nn.Module):
         )
 
     def unwrap(self) -> nn.Module:
-        """Remove the adapter and return the base model as it was (same modules, weights and grad flags)."""
+        """Remove every adapter and return the base model as it was (same modules, weights and grad flags).
+
+        LoRA layers are replaced by the very modules they wrapped; the base's projector was never modified.
+        """
         self._check_wrapped()
-        for hooks in self._hooks:
-            hooks.remove()
+        self._remove_hooks()
+        lora.unload(self.base_model)
         for name, param in self.base_model.named_parameters():
             param.requires_grad_(self._base_requires_grad.get(name, param.requires_grad))
         self._hooks = None
@@ -201,20 +402,66 @@ class SlowFastModel(nn.Module):
             raise RuntimeError("This SlowFastModel was unwrapped; wrap the base model again to use it.")
 
     # ------------------------------------------------------------------------------------------ IO
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the adapter (new parameters, config, base identity) to `save_directory`."""
-        from .adapter_io import save_adapter
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Write the adapters (all by default) to `save_directory`, as PEFT lays them out: "default" at the top,
+        any other adapter in `save_directory/<name>/`. Each folder gets adapter_config.json,
+        adapter_model.safetensors (new parameters only), `lora/` (PEFT's format) if it has LoRA, and README.md."""
+        from .adapter_io import save_adapters
 
-        save_adapter(self, save_directory)
+        self._check_wrapped()
+        save_adapters(self, save_directory, selected_adapters)
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, adapter_directory: str | os.PathLike) -> SlowFastModel:
-        """Wrap `base_model` and load an adapter saved with `save_pretrained`; refuses mismatches."""
+    def from_pretrained(
+        cls,
+        base_model: nn.Module,
+        path_or_hub_id: str | os.PathLike,
+        revision: str | None = None,
+        *,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        token: str | None = None,
+        subfolder: str | None = None,
+    ) -> SlowFastModel:
+        """Wrap `base_model` with a saved adapter, from a local folder or a Hub repo id (`revision`: Hub only).
+
+        Refuses mismatches with `AdapterError` and leaves `base_model` untouched then. Like PEFT,
+        `is_trainable=False` loads the adapter frozen (inference); pass True to keep training it.
+        """
         from .adapter_io import load_adapter
 
-        return load_adapter(base_model, adapter_directory)
+        return load_adapter(
+            base_model, path_or_hub_id, revision=revision, adapter_name=adapter_name, is_trainable=is_trainable,
+            token=token, subfolder=subfolder,
+        )  # fmt: skip
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload slowfast-adapter adapter",
+        create_pr: bool = False,
+        selected_adapters: list[str] | None = None,
+    ) -> Any:
+        """Save the adapters to a temporary folder and upload it to the Hub repo `repo_id` (created if needed).
+
+        Returns huggingface_hub's `CommitInfo`.
+        """
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="slowfast-adapter-push-") as tmp:
+            self.save_pretrained(tmp, selected_adapters)
+            return push_folder(
+                tmp, repo_id, private=private, token=token, revision=revision, commit_message=commit_message,
+                create_pr=create_pr,
+            )  # fmt: skip
 
 
-def wrap(model: nn.Module, config: SlowFastConfig | None = None) -> SlowFastModel:
-    """Wrap a supported base model in one call: base frozen, slow-fast parameters trainable."""
-    return SlowFastModel(model, config)
+def wrap(
+    model: nn.Module, config: SlowFastConfig | None = None, *, lora_config: LoraConfig | None = None
+) -> SlowFastModel:
+    """Wrap a supported base model in one call: base frozen, slow-fast parameters (and LoRA, if asked) trainable."""
+    return SlowFastModel(model, config, lora_config=lora_config)

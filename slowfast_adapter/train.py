@@ -14,6 +14,7 @@ an uninterrupted run. SIGTERM (e.g. a preempted job) saves a checkpoint at the n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE = "trainable.safetensors"
-EXTRA_PARAMETERS = "trained_base_parameters.safetensors"
 GROUPS = ("slowfast", "lora", "projector")
 
 
@@ -60,11 +60,11 @@ def load_base(recipe: Recipe) -> tuple[nn.Module, Any]:
 
 
 def build_model(recipe: Recipe, base: nn.Module) -> SlowFastModel:
-    """Wrap `base` (frozen) and unfreeze what the recipe trains; enable gradient checkpointing if asked."""
-    model = wrap(base, recipe.slowfast_config())
+    """Wrap `base` (frozen; the adapter trains, with its own projector copy if asked); enable checkpointing."""
+    config = recipe.slowfast_config()
     if recipe.model.train_projector:
-        for path in model.family.projector_modules:
-            model.base_model.get_submodule(path).requires_grad_(True)
+        config = dataclasses.replace(config, train_projector=True)
+    model = wrap(base, config)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -72,16 +72,15 @@ def build_model(recipe: Recipe, base: nn.Module) -> SlowFastModel:
 
 def parameter_group_name(model: SlowFastModel, name: str) -> str:
     """'slowfast', 'lora' or 'projector' for a trainable parameter name of `model` (see `parameter_groups`)."""
-    projector = tuple(f"base_model.{path}." for path in model.family.projector_modules)
-    if name.startswith("slow_branches."):
+    if ".slow_branches." in name:
         return "slowfast"
     if "lora_" in name:
         return "lora"
-    if name.startswith(projector):
+    if ".projectors." in name:
         return "projector"
     raise ValueError(
-        f"Trainable parameter {name} is neither slow-fast (slow_branches.*), LoRA (lora_*) nor projector "
-        f"({', '.join(projector)}*): freeze it, or train it through one of those groups."
+        f"Trainable parameter {name} is neither slow-fast (*.slow_branches.*), LoRA (lora_*) nor an adapter's "
+        "projector copy (*.projectors.*): freeze it, or train it through one of those groups."
     )
 
 
@@ -135,25 +134,8 @@ def load_trainable_state(model: SlowFastModel, tensors: dict[str, torch.Tensor])
 
 
 def save_outputs(model: SlowFastModel, directory: Path) -> None:
-    """`save_pretrained` the adapter; trained base parameters it does not hold (projector) go beside it."""
-    from safetensors.torch import save_file
-
+    """`save_pretrained` the adapter (slow-fast parameters, LoRA and a trained projector copy)."""
     model.save_pretrained(directory)
-    extra = {n: t for n, t in trainable_state(model).items() if not n.startswith("slow_branches.")}
-    if extra:
-        save_file(extra, str(directory / EXTRA_PARAMETERS), metadata={"format": "pt"})
-
-
-def load_trained_base_parameters(model: SlowFastModel, directory: str | os.PathLike) -> None:
-    """Load `trained_base_parameters.safetensors` (e.g. a trained projector) from an output adapter folder."""
-    from safetensors.torch import load_file
-
-    path = Path(directory) / EXTRA_PARAMETERS
-    if path.is_file():
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in load_file(str(path)).items():
-                params[name].copy_(tensor)
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -33,12 +33,12 @@ def tiny_dirs(tmp_path_factory):
     return get
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES)
 def family(request) -> str:
     return request.param
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tiny_dir(tiny_dirs, family):
     return tiny_dirs(family)
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 import slowfast_adapter as sfa
-from slowfast_adapter.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from slowfast_adapter.adapter_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME
 from slowfast_adapter.tiny import TINY_BUILDERS
 
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layers=[1, 3], gate="dynamic_tanh", query_tokens="all")
@@ -43,7 +43,7 @@ def test_save_then_load_into_a_fresh_base_is_exact(saved, tiny_dir, processor):
 
 def test_the_folder_holds_only_the_new_parameters(saved, tiny_dir):
     model, folder = saved
-    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == [README_NAME, CONFIG_NAME, WEIGHTS_NAME]
     tensors = load_file(folder / WEIGHTS_NAME)
     assert tensors.keys() == model.adapter_state_dict().keys()
     assert all(k.startswith("slow_branches.") for k in tensors)
@@ -125,4 +125,21 @@ def test_an_adapter_for_another_base_is_refused(saved, family):
 def test_saving_twice_replaces_files_atomically(saved):
     model, folder = saved
     model.save_pretrained(folder)
-    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary leftovers
+    assert sorted(p.name for p in folder.iterdir()) == [README_NAME, CONFIG_NAME, WEIGHTS_NAME]  # no temp leftovers
+
+
+@torch.no_grad()
+def test_an_adapter_in_format_1_still_loads(saved, tiny_dir, processor):
+    """Folders written before LoRA/projector support (format 1: no lora, projector or count entries) load."""
+    model, folder = saved
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    v1 = {k: meta[k] for k in ("slowfast_adapter_version", "hybrid_layers", "slowfast_config")}
+    v1["format_version"] = 1
+    v1["base_model"] = {k: meta["base_model"][k] for k in ("architecture", "name_or_path", "fingerprint")}
+    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "train_projector"):
+        v1["slowfast_config"].pop(name)
+    (folder / CONFIG_NAME).write_text(json.dumps(v1))
+    (folder / README_NAME).unlink()
+    inputs = make_inputs(processor, [("video", "What is it?")])
+    loaded = sfa.SlowFastModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_dir), folder)
+    assert torch.equal(loaded.eval()(**inputs).logits, model(**inputs).logits)

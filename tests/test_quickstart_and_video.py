@@ -35,6 +35,7 @@ def test_quickstart_command_runs_end_to_end(tmp_path):
     assert len(summary["losses"]) == 30 and summary["losses"][-1] < summary["losses"][0]
     assert set(summary["answers"]) == {"red", "blue"}
     assert sorted(p.name for p in (tmp_path / "qs/adapter").iterdir()) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
     ]

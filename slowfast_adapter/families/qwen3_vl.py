@@ -20,7 +20,8 @@ from .qwen2_vl import Qwen2VLFamily, pool_videos
 class Qwen3VLFamily(Qwen2VLFamily):
     name = "qwen3_vl"
     architectures = ("Qwen3VLForConditionalGeneration",)
-    projector_modules = ("model.visual.merger", "model.visual.deepstack_merger_list")
+    # The main merger; the deepstack mergers (a ModuleList feeding the first LLM layers) stay frozen.
+    projector_modules = ("model.visual.merger",)
 
     def pool_extra_video_features(self, output: Any, grids: torch.Tensor, plans: list[FastPlan], merge: int) -> None:
         output.deepstack_features = [pool_videos(layer, grids, plans, merge) for layer in output.deepstack_features]
