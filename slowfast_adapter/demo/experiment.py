@@ -41,7 +41,7 @@ class DemoConfig:
     high_frames: int = 32
     frame_size: int = 32
     patch_size: int = 8  # 4x4 patches per frame, pooled 2x2 by the model: 4 video tokens per frame
-    needle_size: int = 8
+    needle_size: int = 16
     num_pretrain: int = 2000
     num_train: int = 800
     num_val: int = 200
@@ -51,7 +51,7 @@ class DemoConfig:
     num_kv_heads: int = 1
     intermediate_size: int = 512
     batch_size: int = 16
-    pretrain_steps: int = 400
+    pretrain_steps: int = 500
     pretrain_lr: float = 3e-3
     adapter_steps: int = 300
     adapter_lr: float = 3e-3
@@ -173,9 +173,33 @@ def train(
     return losses
 
 
-def run(config: DemoConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def train_adapter(config: DemoConfig, base_dir: Path, slowfast: SlowFastConfig, *, log: Callable[[str], None]):
+    """Load the pretrained base, wrap it with `slowfast`, train the adapter at the high frame count.
+
+    Returns `(model, processor, best validation accuracy)`; the weights kept are the best on validation.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    data = Path(config.output_dir) / "data"
+    torch.manual_seed(config.seed)
+    model = wrap(AutoModelForImageTextToText.from_pretrained(base_dir), slowfast)
+    processor = AutoProcessor.from_pretrained(base_dir)
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"      hybrid layers {model.hybrid_layer_indices}; {trainable:,d} trainable of {total:,d} parameters")
+    train_task = NeedleTask(data, "train", config.high_frames, processor)
+    val_task = NeedleTask(data, "val", config.high_frames, processor)
+    scores = []
+
+    def evaluate() -> float:
+        scores.append(accuracy(model, val_task))
+        return scores[-1]
+
+    train(model, train_task, steps=config.adapter_steps, lr=config.adapter_lr, batch_size=config.batch_size,
+          seed=config.seed + 1, log=log, name="adapter", evaluate=evaluate, eval_every=config.eval_every)  # fmt: skip
+    return model, processor, max(scores, default=float("nan"))
+
+
+def run(config: DemoConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     config = config or DemoConfig()
     out = Path(config.output_dir)
     data = out / "data"
@@ -215,16 +239,7 @@ def run(config: DemoConfig | None = None, log: Callable[[str], None] = print) ->
     log(f"      saved the pretrained base to {base_dir} ({time.perf_counter() - t0:.0f} s)")
 
     log(f"[3/5] training the slow-fast adapter at {config.high_frames} frames")
-    base = AutoModelForImageTextToText.from_pretrained(base_dir)
-    processor = AutoProcessor.from_pretrained(base_dir)
-    model = wrap(base, config.slowfast_config())
-    trainable, total = model.get_nb_trainable_parameters()
-    log(f"      hybrid layers {model.hybrid_layer_indices}; {trainable:,d} trainable of {total:,d} parameters")
-    train_task = NeedleTask(data, "train", config.high_frames, processor)
-    val_task = NeedleTask(data, "val", config.high_frames, processor)
-    train(model, train_task, steps=config.adapter_steps, lr=config.adapter_lr, batch_size=config.batch_size,
-          seed=config.seed + 1, log=log, name="adapter", evaluate=lambda: accuracy(model, val_task),
-          eval_every=config.eval_every)  # fmt: skip
+    model, processor, _ = train_adapter(config, base_dir, config.slowfast_config(), log=log)
     model.save_pretrained(out / "adapter")
     log(f"      saved the adapter to {out / 'adapter'} ({time.perf_counter() - t0:.0f} s)")
 
