@@ -24,6 +24,10 @@ class SlowFastModel(nn.Module):
     Attributes the wrapper does not define (config, device, generation_config, ...) come from the base.
     """
 
+    debug_reproject_slow_kv: bool = False
+    """Debug/benchmark only: re-project slow K/V at every decode step (the reference's behaviour) instead of
+    once per call. Same outputs, more compute; set it on an instance to measure what the cache saves."""
+
     def __init__(self, base_model: nn.Module, config: SlowFastConfig | None = None) -> None:
         super().__init__()
         if isinstance(base_model, SlowFastModel):
@@ -134,10 +138,16 @@ class SlowFastModel(nn.Module):
         attention_mask = prepared.model_inputs.get("attention_mask")
         if attention_mask is not None:
             queries = queries & attention_mask.bool()
-        context = state.SlowContext(owner=id(self), slow=prepared.slow, prompt_query_mask=queries)
-        # Project every hybrid layer's slow K/V now, once per call and outside any checkpointed layer.
-        for hooks in self._hooks:
-            hooks.slow_kv(context)
+        context = state.SlowContext(
+            owner=id(self),
+            slow=prepared.slow,
+            prompt_query_mask=queries,
+            reproject_slow_kv=self.debug_reproject_slow_kv,
+        )
+        if not context.reproject_slow_kv:
+            # Project every hybrid layer's slow K/V now, once per call and outside any checkpointed layer.
+            for hooks in self._hooks:
+                hooks.slow_kv(context)
         return context
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
