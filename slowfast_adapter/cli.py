@@ -36,6 +36,12 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flops(args: argparse.Namespace) -> int:
+    from .flops import run_cli
+
+    return run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="slowfast-adapter", description=__doc__)
@@ -55,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="Print an adapter folder's config and base model.")
     inspect.add_argument("directory")
     inspect.set_defaults(func=_inspect)
+
+    flops = commands.add_parser("flops", help="Exact FLOPs on the meta device (no weights): base model vs slow-fast.")
+    from .flops import add_cli_arguments
+
+    add_cli_arguments(flops)
+    flops.set_defaults(func=_flops)
 
     args = parser.parse_args(argv)
     return args.func(args)
