@@ -87,6 +87,12 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flops(args: argparse.Namespace) -> int:
+    from .flops import run_cli
+
+    return run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="slowfast-adapter", description=__doc__)
@@ -129,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("directory")
     inspect.add_argument("--json", action="store_true", help="Print adapter_config.json as is instead.")
     inspect.set_defaults(func=_inspect)
+
+    flops = commands.add_parser("flops", help="Exact FLOPs on the meta device (no weights): base model vs slow-fast.")
+    from .flops import add_cli_arguments
+
+    add_cli_arguments(flops)
+    flops.set_defaults(func=_flops)
 
     args = parser.parse_args(argv)
     return args.func(args)

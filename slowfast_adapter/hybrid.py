@@ -128,6 +128,8 @@ class HybridLayerHooks:
 
     def slow_kv(self, context: SlowContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The slow K/V of this layer for the active call, projected on first use and then cached."""
+        if context.reproject_slow_kv:  # debug: no cache, as the reference does at every decode step
+            return self.branch.project_slow(self.norm(context.slow.tokens))
         if self.layer_idx not in context.slow_kv:
             context.slow_kv[self.layer_idx] = self.branch.project_slow(self.norm(context.slow.tokens))
         return context.slow_kv[self.layer_idx]

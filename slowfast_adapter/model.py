@@ -37,6 +37,10 @@ class SlowFastModel(nn.Module):
     `slowfast_adapters.<name>.projectors.<i>.<param>`, and PEFT's `...lora_A.<name>.weight` in the base.
     """
 
+    debug_reproject_slow_kv: bool = False
+    """Debug/benchmark only: re-project slow K/V at every decode step (the reference's behaviour) instead of
+    once per call. Same outputs, more compute; set it on an instance to measure what the cache saves."""
+
     def __init__(
         self,
         base_model: nn.Module,
@@ -146,11 +150,16 @@ class SlowFastModel(nn.Module):
             queries = queries & attention_mask.bool()
         # Owned by the active adapter: only its hybrid-layer hooks act during this call.
         adapter = self._active_adapter
-        owner = id(self.slowfast_adapters[adapter])
-        context = state.SlowContext(owner=owner, slow=prepared.slow, prompt_query_mask=queries)
-        # Project every hybrid layer's slow K/V now, once per call and outside any checkpointed layer.
-        for hooks in self._hooks[adapter]:
-            hooks.slow_kv(context)
+        context = state.SlowContext(
+            owner=id(self.slowfast_adapters[adapter]),
+            slow=prepared.slow,
+            prompt_query_mask=queries,
+            reproject_slow_kv=self.debug_reproject_slow_kv,
+        )
+        if not context.reproject_slow_kv:
+            # Project every hybrid layer's slow K/V now, once per call and outside any checkpointed layer.
+            for hooks in self._hooks[adapter]:
+                hooks.slow_kv(context)
         return context
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:

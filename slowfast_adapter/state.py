@@ -63,12 +63,15 @@ class SlowContext:
     (generated ones) always query them.
     slow_kv: layer index -> (key, value) [B, H_kv, S, hd], projected once per call and reused at every
     decode step.
+    reproject_slow_kv: debug only: re-project the slow K/V at every forward step instead of caching them
+    (the reference implementation's decode behaviour, for benchmarks); outputs are the same.
     """
 
     owner: int
     slow: SlowTokens
     prompt_query_mask: torch.Tensor
     slow_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    reproject_slow_kv: bool = False
     pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def query_mask(self, past_length: int, length: int, batch: int) -> torch.Tensor:

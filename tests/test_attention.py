@@ -1,7 +1,8 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from slowfast_adapter.attention import slow_cross_attention
+from slowfast_adapter.attention import chunked_eager_attention, slow_cross_attention
 
 
 def _reference(query, key, value, mask, scaling):
@@ -37,3 +38,79 @@ def test_padding_keys_are_ignored():
     key2, value2 = key.clone(), value.clone()
     key2[:, :, 3:], value2[:, :, 3:] = 1e3, -1e3
     torch.testing.assert_close(slow_cross_attention(query, key2, value2, mask, scaling=0.5), out, rtol=0, atol=0)
+
+
+def _plain_softmax(query, key, value, mask, scaling):
+    """The unchunked math: one [.., L_q, S] score matrix, masked with the dtype's lowest value."""
+    scores = (query @ key.transpose(-1, -2) * scaling).masked_fill(
+        ~mask[:, None, None, :], torch.finfo(query.dtype).min
+    )
+    return torch.softmax(scores, dim=-1) @ value
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 16, 37, 1000])
+def test_chunked_eager_equals_the_unchunked_math(chunk_size):
+    torch.manual_seed(0)
+    key, value = torch.randn(2, 3, 2, 37, 8, dtype=torch.float64)
+    query = torch.randn(3, 4, 5, 8, dtype=torch.float64)  # B_q = 3 x B_k: beam-style repeats
+    key, value = key[:1].expand(3, -1, -1, -1), value[:1].expand(3, -1, -1, -1)
+    mask = torch.rand(3, 37) > 0.5
+    mask[0] = False
+    mask[0, 20] = True  # one real key, after whole chunks of padding (chunk_size 1, 3, 16)
+    mask[1, :] = True
+    folded = query.view(3, 2, 2, 5, 8).flatten(2, 3)  # [B, H_kv, G * L_q, hd] like slow_cross_attention folds
+    out = chunked_eager_attention(folded, key, value, mask, scaling=0.3, chunk_size=chunk_size)
+    torch.testing.assert_close(out, _plain_softmax(folded, key, value, mask, 0.3), rtol=0, atol=1e-13)
+    via_api = slow_cross_attention(query, key, value, mask, scaling=0.3, implementation="eager", chunk_size=chunk_size)
+    torch.testing.assert_close(via_api, _reference(query, key, value, mask, 0.3), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_eager_matches_sdpa_in_low_precision(dtype):
+    torch.manual_seed(0)
+    key, value = torch.randn(2, 2, 2, 300, 16).to(dtype)
+    query = torch.randn(2, 4, 6, 16).to(dtype)
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[1, 120:] = False
+    eager = slow_cross_attention(query, key, value, mask, scaling=0.25, implementation="eager", chunk_size=64)
+    sdpa = slow_cross_attention(query, key, value, mask, scaling=0.25, implementation="sdpa")
+    reference = _reference(query.double(), key.double(), value.double(), mask, 0.25)
+    assert eager.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(eager.double(), reference, rtol=tol, atol=tol)
+    torch.testing.assert_close(sdpa.double(), reference, rtol=tol, atol=tol)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_eager_memory_is_bounded_by_the_chunk_not_the_slow_length():
+    """No intermediate of the eager kernel grows with the number of slow tokens beyond K/V themselves."""
+    torch.manual_seed(0)
+    queries, chunk = 50, 256
+    for slow_len in (1024, 8192):
+        key, value = torch.randn(2, 1, 2, slow_len, 8)
+        query = torch.randn(1, 4, queries, 8)
+        mask = torch.ones(1, slow_len, dtype=torch.bool)
+        with _LargestTensor() as probe:
+            slow_cross_attention(query, key, value, mask, scaling=0.3, implementation="eager", chunk_size=chunk)
+        assert probe.largest <= 2 * 2 * queries * chunk  # [B, H_kv, G * L_q, chunk]: independent of slow_len
+
+
+def test_bad_chunk_size_is_refused():
+    key = value = torch.zeros(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        slow_cross_attention(torch.zeros(1, 1, 1, 2), key, value, torch.ones(1, 4, dtype=torch.bool), scaling=1.0,
+                             chunk_size=0)  # fmt: skip
