@@ -88,13 +88,13 @@ def _text_config_kwargs(
     )
 
 
-def _random_init(model_cls, config, *, attn_implementation: str, seed: int):
-    """Seeded random model in eval mode; the LM head is scaled so greedy decoding is decisive."""
+def _random_init(model_cls, config, *, attn_implementation: str, seed: int, lm_head_scale: float = 8.0):
+    """Seeded random model in eval mode; the LM head is scaled (by default) so greedy decoding is decisive."""
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
+        model.lm_head.weight.mul_(lm_head_scale)
     return model
 
 
@@ -108,6 +108,7 @@ def build_tiny_llava_onevision(
     intermediate_size: int | None = None,
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    lm_head_scale: float = 8.0,
 ):
     """A random LLaVA-OneVision model and its stock processor.
 
@@ -151,7 +152,11 @@ def build_tiny_llava_onevision(
         tie_word_embeddings=False,
     )
     model = _random_init(
-        LlavaOnevisionForConditionalGeneration, config, attn_implementation=attn_implementation, seed=seed
+        LlavaOnevisionForConditionalGeneration,
+        config,
+        attn_implementation=attn_implementation,
+        seed=seed,
+        lm_head_scale=lm_head_scale,
     )
 
     size = {"height": image_size, "width": image_size}
