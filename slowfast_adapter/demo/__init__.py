@@ -1,0 +1,1 @@
+"""The needle-in-a-haystack experiment behind `slowfast-adapter demo`."""
