@@ -29,32 +29,21 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import yaml
+
     from .demo.experiment import DemoConfig, run
+    from .recipe import yaml_numbers
 
     values = {}
     if args.recipe:
-        import yaml
-
         values = yaml.safe_load(Path(args.recipe).read_text()) or {}
     for item in args.overrides:
         key, _, value = item.partition("=")
         if not _ or key not in DemoConfig.__dataclass_fields__:
             raise SystemExit(f"slowfast-adapter demo: bad override {item!r}; use key=value with a DemoConfig field.")
-        values[key] = yaml_value(value)
-    run(DemoConfig(**values))
+        values[key] = yaml.safe_load(value)
+    run(DemoConfig(**yaml_numbers(values)))
     return 0
-
-
-def yaml_value(text: str):
-    """Parse a command-line value: '3' -> 3, '1e-3' -> 0.001, '[0, 2]' -> [0, 2], 'true' -> True."""
-    import yaml
-
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return yaml.safe_load(text)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -52,20 +52,27 @@ def square_video(color: tuple[int, int, int], *, num_frames: int, size: int, see
     return frames
 
 
-def _training_batch(processor, videos: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Prompt + answer for each video, labels on the answer tokens only (right padding)."""
+def answer_batch(processor, prompt: str, answers: list[str], videos: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """`prompt` + each answer + `<|im_end|>` with its video, labels on the answer tokens only (right padding).
+
+    Every video must have the same frame count and size, so the prompt has the same length in every row.
+    """
     processor.tokenizer.padding_side = "right"
-    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    texts = [f"{prompt}It is {color}.<|im_end|>" for color in videos]
-    clips = list(videos.values())
-    batch = processor(text=texts, videos=clips, return_tensors="pt", padding=True)
-    prompt_len = processor(text=[prompt], videos=clips[:1], return_tensors="pt")["input_ids"].shape[1]
+    texts = [f"{prompt}{answer}<|im_end|>" for answer in answers]
+    batch = processor(text=texts, videos=videos, return_tensors="pt", padding=True)
+    prompt_len = processor(text=[prompt], videos=videos[:1], return_tensors="pt")["input_ids"].shape[1]
     labels = batch["input_ids"].clone()
     labels[:, :prompt_len] = -100
     labels[batch["attention_mask"] == 0] = -100
     batch["labels"] = labels
     return batch
+
+
+def _training_batch(processor, videos: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """'It is <colour>.' for each video."""
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return answer_batch(processor, prompt, [f"It is {color}." for color in videos], list(videos.values()))
 
 
 def run(config: QuickstartConfig | None = None, log=print) -> dict[str, Any]:

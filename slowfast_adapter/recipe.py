@@ -81,7 +81,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, base_dir: str | os.PathLike | None = None) -> Recipe:
         """Build and validate a recipe; relative data paths resolve against `base_dir` (the YAML's folder)."""
-        data = _numbers(dict(data or {}))
+        data = yaml_numbers(dict(data or {}))
         unknown = sorted(set(data) - {"model", "slowfast", "data", "train"})
         if unknown:
             raise ValueError(f"Unknown recipe sections {unknown}; expected model, slowfast, data, train.")
@@ -134,12 +134,12 @@ class Recipe:
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
-def _numbers(value: Any) -> Any:
+def yaml_numbers(value: Any) -> Any:
     """PyYAML (YAML 1.1) reads `2e-4` as a string: turn such strings into floats, recursively."""
     if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
+        return {k: yaml_numbers(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_numbers(v) for v in value]
+        return [yaml_numbers(v) for v in value]
     if isinstance(value, str) and _FLOAT.match(value):
         return float(value)
     return value

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -22,12 +23,12 @@ class SlowTokens:
     tokens: torch.Tensor
     mask: torch.Tensor
 
-    @property
+    @cached_property
     def has_slow(self) -> torch.Tensor:
         """[B] bool: the sample has at least one slow token."""
         return self.mask.any(-1)
 
-    @property
+    @cached_property
     def attend_mask(self) -> torch.Tensor:
         """[B, S] key mask that never leaves a row empty (empty samples' outputs are zeroed by the caller)."""
         mask = self.mask.clone()

@@ -26,6 +26,7 @@ import torch
 
 from ..config import SlowFastConfig
 from ..model import wrap
+from ..quickstart import answer_batch
 from ..tiny import build_tiny_llava_onevision
 from ..video import read_video
 from .flops import prefill_flops
@@ -92,16 +93,8 @@ class NeedleTask:
 
     def training_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Prompt + answer, labels on the answer tokens only (right padding)."""
-        self.processor.tokenizer.padding_side = "right"
-        texts = [f"{self.prompt}{self.answers[i]}<|im_end|>" for i in indices]
-        batch = self.processor(text=texts, videos=[self.videos[i] for i in indices], return_tensors="pt", padding=True)
-        prompt_len = self.processor(text=[self.prompt], videos=[self.videos[indices[0]]], return_tensors="pt")
-        prompt_len = prompt_len["input_ids"].shape[1]  # same video length for every sample of a split
-        labels = batch["input_ids"].clone()
-        labels[:, :prompt_len] = -100
-        labels[batch["attention_mask"] == 0] = -100
-        batch["labels"] = labels
-        return batch
+        answers = [self.answers[i] for i in indices]
+        return answer_batch(self.processor, self.prompt, answers, [self.videos[i] for i in indices])
 
     def prompt_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         self.processor.tokenizer.padding_side = "left"
@@ -215,8 +208,7 @@ def run(config: DemoConfig | None = None, log: Callable[[str], None] = print) ->
     t0 = time.perf_counter()
 
     log(f"[1/5] writing needle videos to {data}")
-    sizes = {"frame_size": config.frame_size, "needle_size": config.needle_size}
-    write_split(data, "pretrain", config.num_pretrain, num_frames=config.native_frames, size=sizes["frame_size"],
+    write_split(data, "pretrain", config.num_pretrain, num_frames=config.native_frames, size=config.frame_size,
                 needle_size=config.needle_size)  # fmt: skip
     for split, count in (("train", config.num_train), ("val", config.num_val), ("test", config.num_test)):
         write_split(data, split, count, num_frames=config.high_frames, size=config.frame_size,

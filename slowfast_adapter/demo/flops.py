@@ -7,16 +7,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..flops import CPU_SDPA_FLOPS  # CPU SDPA has no formula in torch: without it attention counts 0
 
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    """QK^T and PV matmuls of scaled-dot-product attention (GQA-aware: K/V may have fewer heads)."""
-    batch, heads, query_len, head_dim = query_shape
-    key_len, value_dim = key_shape[-2], value_shape[-1]
-    return 2 * batch * heads * query_len * key_len * (head_dim + value_dim)
-
-
-# CPU SDPA dispatches to a kernel without a registered formula; without this, attention counts as 0.
-SDPA_MAPPING = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 VISION_MODULES = ("vision_tower", "multi_modal_projector", "visual")
 
 
@@ -27,7 +19,7 @@ def prefill_flops(model, inputs: dict[str, Any]) -> dict[str, int]:
     Returns {'total': LLM prefill (decoder layers over the prompt + the hybrid branch + last-token
     logits), 'vision': vision tower + projector}. Counted on a real CPU forward.
     """
-    counter = FlopCounterMode(display=False, custom_mapping=SDPA_MAPPING)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
     with counter:
         model(**inputs, logits_to_keep=1)
     per_module = counter.get_flop_counts()
