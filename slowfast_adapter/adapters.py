@@ -10,6 +10,7 @@ import copy
 import torch
 from torch import nn
 
+from . import surface
 from .config import SlowFastConfig
 from .families import ModelFamily
 from .hybrid import SlowBranch
@@ -30,13 +31,14 @@ class SlowFastAdapter(nn.Module):
         text = family.text_config(base)
         branches = {}
         for idx in self.hybrid_layer_indices:
-            attn = layers[idx].self_attn
-            k_proj, v_proj = (getattr(m, "base_layer", m) for m in (attn.k_proj, attn.v_proj))  # under a LoRA layer
+            attn = surface.self_attention(layers[idx])
+            k_proj, v_proj = (surface.attention_attribute(attn, name) for name in ("k_proj", "v_proj"))
+            k_proj, v_proj = (getattr(m, "base_layer", m) for m in (k_proj, v_proj))  # under a LoRA layer
             branch = SlowBranch(
                 hidden_size=text.hidden_size,
                 num_heads=text.num_attention_heads,
-                num_kv_heads=text.num_attention_heads // attn.num_key_value_groups,
-                head_dim=attn.head_dim,
+                num_kv_heads=text.num_attention_heads // surface.attention_attribute(attn, "num_key_value_groups"),
+                head_dim=surface.attention_attribute(attn, "head_dim"),
                 gate=config.gate,
                 device=k_proj.weight.device,
                 dtype=k_proj.weight.dtype,

@@ -33,11 +33,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import DynamicCache
 
+from . import surface
 from .config import SlowFastConfig
 from .families import family_for
 from .pooling import plan_fast_frames
-from .state import SlowContext, SlowTokens, activated
+from .state import SlowTokens, activated
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 SHIPPED_CONFIGS = {
@@ -176,7 +178,7 @@ def count_vision(model: nn.Module, tokens: VideoTokens, image_size: int | None =
     if family.name == "llava_onevision":
         size = vision.image_size
         pixels = torch.empty(1, tokens.frames, vision.num_channels, size, size, device="meta")
-        return count_flops(lambda: model.model.get_video_features(pixels))[0]
+        return count_flops(lambda: surface.video_features(model, pixels))[0]
     if not direct and tokens.units > 2:
         one, two = (count_vision(model, replace(tokens, units=n), image_size, direct=True) for n in (1, 2))
         return one + (tokens.units - 1) * (two - one)
@@ -211,7 +213,6 @@ def count_language_model(
     says which prompt tokens query the slow tokens (generated tokens always do).
     """
     base = model.base_model
-    language_model = base.model.language_model
     text = model.family.text_config(base)
     context = None
     kv_flops = 0
@@ -219,27 +220,24 @@ def count_language_model(
         slow = SlowTokens(
             torch.empty(1, slow_tokens, text.hidden_size, device="meta"), torch.ones(1, slow_tokens, dtype=torch.bool)
         )
-        adapter = model.active_adapter
-        context = SlowContext(
-            owner=id(model.slowfast_adapters[adapter]),
-            slow=slow,
-            prompt_query_mask=query_mask[None],
-            reproject_slow_kv=reproject_slow_kv,
+        kv_flops, context = count_flops(
+            lambda: model.slow_context(slow, query_mask[None], reproject_slow_kv=reproject_slow_kv)
         )
-        if not reproject_slow_kv:
-            kv_flops = count_flops(lambda: [hooks.slow_kv(context) for hooks in model._hooks[adapter]])[0]
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=text)
 
     def step(length: int) -> None:
         embeds = torch.empty(1, length, text.hidden_size, device="meta")
-        hidden = language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = surface.run_language_model(base, embeds, cache)
         base.lm_head(hidden[:, -1:])
 
     with _RealIndexMetaMode(), activated(context):
         prefill = count_flops(lambda: step(sequence_length))[0]
         decode = count_flops(lambda: step(1))[0]
+    if context is not None:  # the counts must include the slow path: every hybrid layer read it in both steps
+        reads = sorted((step, layer) for step, layer, _ in context.reads)
+        expected = sorted((step, layer) for step in (1, 2) for layer in model.hybrid_layer_indices)
+        if reads != expected or context.stats["steps"] != 2:
+            raise RuntimeError(f"The hybrid layers did not read the slow tokens in both counted steps: {reads}.")
     return LanguageCounts(prefill, decode, kv_flops)
 
 

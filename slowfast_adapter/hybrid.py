@@ -20,8 +20,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from . import surface
 from .attention import slow_cross_attention
-from .state import SlowContext, active_context
+from .state import SlowContext, active_context, current_context
 
 
 class SlowBranch(nn.Module):
@@ -87,9 +88,11 @@ def apply_rope(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 def default_query_states(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The layer's own query projection: hidden [B, L, D] -> [B, H, L, hd] (q_norm applied if present)."""
-    query = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, attn.head_dim)
-    if getattr(attn, "q_norm", None) is not None:
-        query = attn.q_norm(query)
+    q_proj, head_dim = (surface.attention_attribute(attn, name) for name in ("q_proj", "head_dim"))
+    query = q_proj(hidden).view(*hidden.shape[:-1], -1, head_dim)
+    q_norm = surface.query_norm(attn)
+    if q_norm is not None:
+        query = q_norm(query)
     return query.transpose(1, 2)
 
 
@@ -113,12 +116,14 @@ class HybridLayerHooks:
         rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = apply_rope,
     ) -> None:
         self.owner, self.layer_idx, self.branch = owner, layer_idx, branch
-        self.attn = decoder_layer.self_attn
-        self.norm = decoder_layer.input_layernorm
+        self.attn = surface.self_attention(decoder_layer)
+        self.norm = surface.input_norm(decoder_layer)
+        self.scaling = surface.attention_attribute(self.attn, "scaling")
+        surface.attention_implementation(self.attn)  # checked now; read at every call (users may switch it)
         self.query_rope, self.query_states, self.rope = query_rope, query_states, rope
         self.handles = [
             self.attn.register_forward_pre_hook(self._before_attention, with_kwargs=True),
-            self.attn.o_proj.register_forward_pre_hook(self._before_o_proj),
+            surface.attention_attribute(self.attn, "o_proj").register_forward_pre_hook(self._before_o_proj),
         ]
 
     def remove(self) -> None:
@@ -128,45 +133,47 @@ class HybridLayerHooks:
 
     def slow_kv(self, context: SlowContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The slow K/V of this layer for the active call, projected on first use and then cached."""
-        if context.reproject_slow_kv:  # debug: no cache, as the reference does at every decode step
-            return self.branch.project_slow(self.norm(context.slow.tokens))
-        if self.layer_idx not in context.slow_kv:
-            context.slow_kv[self.layer_idx] = self.branch.project_slow(self.norm(context.slow.tokens))
+        if context.reproject_slow_kv or self.layer_idx not in context.slow_kv:
+            context.stats["kv_projections"] += 1
+            key_value = self.branch.project_slow(self.norm(context.slow.tokens))
+            if context.reproject_slow_kv:  # debug: no cache, as the reference does at every decode step
+                return key_value
+            context.slow_kv[self.layer_idx] = key_value
         return context.slow_kv[self.layer_idx]
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = active_context(self.owner)
         if context is None:
             return None
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, L, D]
+        hidden = surface.attention_hidden_states(args, kwargs)  # [B, L, D]
         batch, length = hidden.shape[:2]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        query_mask = context.query_mask(past, length, batch).to(hidden.device)  # [B, L]
+        # Which of this step's tokens query: the step's position comes from the language model's step hook
+        # (`SlowContext.begin_step`), never from a keyword argument of this call.
+        query_mask = context.step_query_mask(length, batch).to(hidden.device)  # [B, L]
+        has_slow = context.slow.has_slow.to(hidden.device)
+        has_slow = has_slow.repeat_interleave(batch // has_slow.shape[0])
         counts = query_mask.sum(-1)
         num_queries = int(counts.max())
         if num_queries == 0:
             return None
+        context.record_read(self.layer_idx, counts * has_slow)
         # Query tokens first (stable), so each row's queries are its first `counts[b]` entries.
         index = torch.argsort((~query_mask).to(torch.int8), dim=-1, stable=True)[:, :num_queries]  # [B, Lq]
-        has_slow = context.slow.has_slow.to(hidden.device)
-        has_slow = has_slow.repeat_interleave(batch // has_slow.shape[0])
         valid = (torch.arange(num_queries, device=hidden.device) < counts[:, None]) & has_slow[:, None]
 
         query = self.query_states(self.attn, _gather_tokens(hidden, index))  # [B, H, Lq, hd]
         if self.query_rope:
-            cos, sin = kwargs["position_embeddings"]
+            cos, sin = surface.attention_rope(kwargs)
             cos, sin = (_gather_tokens(t.expand(batch, -1, -1), index) for t in (cos, sin))
             query = self.rope(query, cos, sin)
         key, value = self.slow_kv(context)
-        implementation = getattr(self.attn.config, "_attn_implementation", "sdpa")
         cross = slow_cross_attention(
             query.to(key.dtype),
             key,
             value,
             context.slow.attend_mask.to(key.device),
-            scaling=self.attn.scaling,
-            implementation="eager" if implementation == "eager" else "sdpa",
+            scaling=self.scaling,
+            implementation="eager" if surface.attention_implementation(self.attn) == "eager" else "sdpa",
         )
         context.pending[self.layer_idx] = (index, valid, rearrange(cross, "b h l d -> b l (h d)"))
         return None
@@ -180,3 +187,20 @@ class HybridLayerHooks:
         gate = self.branch.gate(_gather_tokens(attn_output, index))  # [B, Lq, 1]
         update = (gate * cross * valid[..., None]).to(attn_output.dtype)
         return (attn_output.scatter_add(1, index[..., None].expand_as(update), update),)
+
+
+def register_step_hook(model: nn.Module, owners: Callable[[], set[int]]) -> torch.utils.hooks.RemovableHandle:
+    """A pre-hook on the base's language model that announces each forward step to the active slow context.
+
+    It records where the step starts in the sequence (the tokens already in its KV cache, 0 without one)
+    and how many tokens it runs, so the hybrid layers know which tokens are prompt tokens and which are
+    generated, whatever keyword transformers uses for the cache. `owners()`: the ids this model's
+    contexts carry (one per adapter).
+    """
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        context = current_context()
+        if context is not None and context.owner in owners():
+            context.begin_step(*surface.language_model_step(args, kwargs))
+
+    return surface.language_model(model).register_forward_pre_hook(hook, with_kwargs=True)

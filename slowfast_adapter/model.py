@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import lora, state
+from . import lora, state, surface
 from .adapters import SlowFastAdapter
 from .config import SlowFastConfig
 from .families import ModelFamily, PreparedInputs, family_for
-from .hybrid import HybridLayerHooks
+from .hybrid import HybridLayerHooks, register_step_hook
 from .lora import LORA_SUBFOLDER
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class SlowFastModel(nn.Module):
 
     def _setup(self, base_model: nn.Module, adapter_name: str) -> None:
         self.family: ModelFamily = family_for(base_model)
+        surface.check_model(base_model)
         self.base_model = base_model
         self.slowfast_adapters = nn.ModuleDict()
         self.slowfast_configs: dict[str, SlowFastConfig] = {}
@@ -148,16 +149,26 @@ class SlowFastModel(nn.Module):
         attention_mask = prepared.model_inputs.get("attention_mask")
         if attention_mask is not None:
             queries = queries & attention_mask.bool()
-        # Owned by the active adapter: only its hybrid-layer hooks act during this call.
+        return self.slow_context(prepared.slow, queries, reproject_slow_kv=self.debug_reproject_slow_kv)
+
+    def slow_context(
+        self, slow: state.SlowTokens, prompt_query_mask: torch.Tensor, *, reproject_slow_kv: bool = False
+    ) -> state.SlowContext:
+        """The per-call state of the active adapter for `slow` tokens (activate it with `state.activated`).
+
+        prompt_query_mask: [B, L0] bool, the prompt tokens that query the slow tokens. Unless
+        `reproject_slow_kv`, every hybrid layer's slow K/V are projected here, once per call and outside any
+        checkpointed layer. Used by `forward`/`generate` and by the FLOP counter.
+        """
         adapter = self._active_adapter
+        # Owned by the active adapter: only its hybrid-layer hooks act during this call.
         context = state.SlowContext(
             owner=id(self.slowfast_adapters[adapter]),
-            slow=prepared.slow,
-            prompt_query_mask=queries,
-            reproject_slow_kv=self.debug_reproject_slow_kv,
+            slow=slow,
+            prompt_query_mask=prompt_query_mask,
+            reproject_slow_kv=reproject_slow_kv,
         )
-        if not context.reproject_slow_kv:
-            # Project every hybrid layer's slow K/V now, once per call and outside any checkpointed layer.
+        if not reproject_slow_kv:
             for hooks in self._hooks[adapter]:
                 hooks.slow_kv(context)
         return context
@@ -172,11 +183,7 @@ class SlowFastModel(nn.Module):
         if checkpoint_kwargs.get("use_reentrant"):
             raise ValueError("use_reentrant=True cannot recompute the slow path; leave it False (the default).")
         checkpoint_kwargs.update(use_reentrant=False, context_fn=state.checkpoint_context_fn)
-        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
-        else:  # transformers releases before activation_checkpointing_enable
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+        surface.enable_checkpointing(self.base_model, checkpoint_kwargs, **kwargs)
 
     activation_checkpointing_enable = gradient_checkpointing_enable
 
@@ -336,6 +343,9 @@ class SlowFastModel(nn.Module):
                 )
                 for idx in adapter.hybrid_layer_indices
             ]
+        self._extra_hooks.append(
+            register_step_hook(self.base_model, lambda: {id(adapter) for adapter in self.slowfast_adapters.values()})
+        )
         if any(adapter.projectors is not None for adapter in self.slowfast_adapters.values()):
             for index, path in enumerate(self.family.projector_modules):
                 module = self.base_model.get_submodule(path)

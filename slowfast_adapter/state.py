@@ -7,6 +7,7 @@ belongs to their own model. Two models, or two threads using one model, never se
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
+
+from .surface import changed
 
 
 @dataclass
@@ -66,6 +69,14 @@ class SlowContext:
     decode step.
     reproject_slow_kv: debug only: re-project the slow K/V at every forward step instead of caching them
     (the reference implementation's decode behaviour, for benchmarks); outputs are the same.
+    step_start, step_length: where the language model's current forward starts in the sequence and how
+    many tokens it runs; set once per step by `begin_step` (a hook on the language model), read by every
+    hybrid layer. Positions come from the step's KV cache, so greedy, sampling, beam search, chunked
+    prefill, cropped (assisted) caches and `use_cache=False` all get the right query mask.
+    stats: counters for tests and benchmarks: "steps" (language-model forwards), "slow_reads" (hybrid
+    layer calls in which at least one token read the slow tokens), "kv_projections" (slow K/V projections).
+    reads: one entry per hybrid layer call: (step number from 1, layer index, [B] count per row of the
+    tokens that read the slow tokens). See `recording()`.
     """
 
     owner: int
@@ -74,6 +85,41 @@ class SlowContext:
     slow_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     reproject_slow_kv: bool = False
     pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    step_start: int | None = None
+    step_length: int | None = None
+    stats: dict[str, int] = field(default_factory=lambda: {"steps": 0, "slow_reads": 0, "kv_projections": 0})
+    reads: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        recorder = _RECORDER.get()
+        if recorder is not None:
+            recorder.append(self)
+
+    def record_read(self, layer_idx: int, per_row: torch.Tensor) -> None:
+        """A hybrid layer call in which `per_row` [B] tokens of each row read the slow tokens."""
+        self.reads.append((self.stats["steps"], layer_idx, per_row))
+        self.stats["slow_reads"] += 1
+
+    def begin_step(self, length: int, cached: int | None) -> None:
+        """A language-model forward over `length` tokens, after `cached` tokens in its KV cache (None: no cache)."""
+        if cached is None and self.stats["steps"] > 0 and length < self.prompt_query_mask.shape[1]:
+            raise changed(
+                "language_model(cache=...)",
+                f"a decode step of {length} token(s) reached the language model without a transformers.Cache, so "
+                "its position in the sequence is unknown and the slow path cannot run correctly.",
+            )
+        self.step_start, self.step_length = cached or 0, length
+        self.stats["steps"] += 1
+
+    def step_query_mask(self, length: int, batch: int) -> torch.Tensor:
+        """[batch, length] bool for the current step; checks the step was announced by `begin_step`."""
+        if self.step_length != length:
+            raise changed(
+                "language_model.forward",
+                f"a hybrid layer saw {length} tokens but the language model's step hook announced "
+                f"{self.step_length}: the decoder layers were called without the language model's forward.",
+            )
+        return self.query_mask(self.step_start, length, batch)
 
     def query_mask(self, past_length: int, length: int, batch: int) -> torch.Tensor:
         """[batch, length] bool for the tokens at positions past_length .. past_length + length - 1."""
@@ -88,6 +134,7 @@ class SlowContext:
 
 
 _ACTIVE: ContextVar[SlowContext | None] = ContextVar("slowfast_active_context", default=None)
+_RECORDER: ContextVar[list[SlowContext] | None] = ContextVar("slowfast_recorder", default=None)
 _MODES: ContextVar[dict[int, str]] = ContextVar("slowfast_modes", default={})  # noqa: B039 (never mutated)
 
 
@@ -120,6 +167,25 @@ def current_mode(owner: int) -> str:
     return _MODES.get().get(owner, "slowfast")
 
 
+@contextmanager
+def recording() -> Iterator[list[SlowContext]]:
+    """Collect every `SlowContext` created in this thread within the block (tests and benchmarks read their
+    `stats` and `reads` to prove the slow path ran)."""
+    contexts: list[SlowContext] = []
+    token = _RECORDER.set(contexts)
+    try:
+        yield contexts
+    finally:
+        _RECORDER.reset(token)
+
+
+def current_context() -> SlowContext | None:
+    """The active slow context of this thread, whoever owns it."""
+    return _ACTIVE.get()
+
+
 def checkpoint_context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
-    """`context_fn` for `torch.utils.checkpoint`: the recompute in backward runs in the forward's slow context."""
-    return nullcontext(), activated(_ACTIVE.get())
+    """`context_fn` for `torch.utils.checkpoint`: the recompute in backward runs in the forward's slow context,
+    at the forward's step (a shallow copy: the slow K/V cache, pending updates and counters stay shared)."""
+    context = _ACTIVE.get()
+    return nullcontext(), activated(None if context is None else copy.copy(context))

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import surface
 from ..config import SlowFastConfig
 from ..hybrid import apply_rope, default_query_states
 from ..sequence import fit_sequence
@@ -42,7 +43,7 @@ class ModelFamily:
         return type(model).__name__ in self.architectures
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.language_model.layers
+        return surface.decoder_layers(model)
 
     def text_config(self, model: nn.Module) -> Any:
         return model.config.get_text_config()
@@ -107,7 +108,7 @@ def finish_prepare(
     fitted = fit_sequence(keep, input_ids, inputs.pop("attention_mask", None), pad_token_id=pad_id, others=others)
     model_inputs = {**inputs, **{k: v for k, v in fitted.items() if v is not None}}
     if mm_outputs:
-        model_inputs["mm_encoder_outputs"] = mm_outputs
+        model_inputs[surface.ENCODER_OUTPUTS_KWARG] = mm_outputs
     new_ids = fitted["input_ids"]
     visual = torch.zeros_like(new_ids, dtype=torch.bool)
     for token_id in visual_token_ids:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .. import surface
 from ..config import SlowFastConfig
 from ..pooling import plan_fast_frames, pool_fast_frames
 from ..sequence import mask_positions, placeholder_item_rows, placeholder_keep_mask
@@ -39,7 +40,7 @@ class LlavaOnevisionFamily(ModelFamily):
         inputs.pop("image_sizes_videos", None)
         feature_kwargs = {k: inputs[k] for k in _FEATURE_KWARGS if inputs.get(k) is not None}
         video_id, image_id = model.config.video_token_id, model.config.image_token_id
-        mm_outputs: dict[str, BaseModelOutputWithPooling] = dict(inputs.pop("mm_encoder_outputs", None) or {})
+        mm_outputs: dict[str, BaseModelOutputWithPooling] = dict(inputs.pop(surface.ENCODER_OUTPUTS_KWARG, None) or {})
         slow_items: list[tuple[int, torch.Tensor]] = []
         keep = torch.ones_like(input_ids, dtype=torch.bool)
 
@@ -47,7 +48,7 @@ class LlavaOnevisionFamily(ModelFamily):
         if pixel_values_videos is not None:
             num_videos, num_frames = pixel_values_videos.shape[:2]
             height, width = self.video_grid(model)
-            features = model.model.get_video_features(pixel_values_videos, **feature_kwargs).pooler_output
+            features = surface.video_features(model, pixel_values_videos, **feature_kwargs).pooler_output
             frames = features[:, :-1].reshape(num_videos, num_frames, height, width, -1)  # [V, T, h, w, D]
             newline = features[:, -1:]  # [V, 1, D]
             plan = plan_fast_frames(num_frames, config)
@@ -60,7 +61,8 @@ class LlavaOnevisionFamily(ModelFamily):
 
         pixel_values = inputs.pop("pixel_values", None)
         if pixel_values is not None:  # encoded here: the base forward refuses pixels next to encoder outputs
-            image_output = model.model.get_image_features(
+            image_output = surface.image_features(
+                model,
                 pixel_values,
                 inputs.pop("image_sizes", None),
                 batch_num_images=inputs.pop("batch_num_images", None),

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import surface
 from ..config import SlowFastConfig
 from ..pooling import FastPlan, plan_fast_frames, pool_fast_frames
 from ..sequence import placeholder_item_rows, placeholder_keep_mask
@@ -30,14 +31,14 @@ class Qwen2VLFamily(ModelFamily):
         input_ids = pop_input_ids(inputs)
         merge = model.config.vision_config.spatial_merge_size
         video_id, image_id = model.config.video_token_id, model.config.image_token_id
-        mm_outputs = dict(inputs.pop("mm_encoder_outputs", None) or {})
+        mm_outputs = dict(inputs.pop(surface.ENCODER_OUTPUTS_KWARG, None) or {})
         slow_items: list[tuple[int, torch.Tensor]] = []
         keep = torch.ones_like(input_ids, dtype=torch.bool)
 
         pixel_values_videos = inputs.pop("pixel_values_videos", None)
         if pixel_values_videos is not None:
             grids = inputs["video_grid_thw"]  # [V, 3] (temporal groups, height, width) in patches
-            output = model.model.get_video_features(pixel_values_videos, grids)
+            output = surface.video_features(model, pixel_values_videos, grids)
             plans, fast_grids = [], []
             for groups, height, width in grids.tolist():
                 plan = plan_fast_frames(groups, config, unit="temporal groups")
@@ -56,7 +57,7 @@ class Qwen2VLFamily(ModelFamily):
 
         pixel_values = inputs.pop("pixel_values", None)
         if pixel_values is not None:  # encoded here: the base forward refuses pixels next to encoder outputs
-            output = model.model.get_image_features(pixel_values, inputs["image_grid_thw"])
+            output = surface.image_features(model, pixel_values, inputs["image_grid_thw"])
             images = output.pooler_output
             lengths = torch.tensor([image.shape[0] for image in images])
             rows = placeholder_item_rows(input_ids, image_id, lengths, what="image")

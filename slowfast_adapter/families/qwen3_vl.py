@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import surface
 from ..pooling import FastPlan
 from .qwen2_vl import Qwen2VLFamily, pool_videos
 
@@ -24,7 +25,8 @@ class Qwen3VLFamily(Qwen2VLFamily):
     projector_modules = ("model.visual.merger",)
 
     def pool_extra_video_features(self, output: Any, grids: torch.Tensor, plans: list[FastPlan], merge: int) -> None:
-        output.deepstack_features = [pool_videos(layer, grids, plans, merge) for layer in output.deepstack_features]
+        deepstack = surface.deepstack_features(output)
+        output.deepstack_features = [pool_videos(layer, grids, plans, merge) for layer in deepstack]
 
     def video_keep_mask(
         self,
