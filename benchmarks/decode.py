@@ -29,19 +29,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODELS, build_model, command_line, machine, summary, video_inputs, write_results  # noqa: E402
 from prefill import slowfast_config  # noqa: E402
 
-from slowfast_adapter import flops, state, wrap  # noqa: E402
+from slowfast_adapter import flops, state, surface, wrap  # noqa: E402
 
 
-def timed_steps(base, cache, context, steps: int) -> list[float]:
-    """Seconds of `steps` single-token decode steps, each on the cache cropped back to its prompt length."""
+def timed_steps(base, cache, context, steps: int, *, layers: int) -> list[float]:
+    """Seconds of `steps` single-token decode steps, each on the cache cropped back to its prompt length.
+
+    With a slow context, every step must have read the slow tokens in all `layers` hybrid layers and, with
+    `reproject_slow_kv`, projected the slow K/V again in each (checked outside the timed region: a step
+    that took another path raises instead of being reported)."""
     token = torch.tensor([[0]])
     times = []
+    cache_kwarg = surface.cache_kwarg(base)
     for _ in range(steps):
+        before = dict(context.stats) if context is not None else None
         start = time.perf_counter()
         with state.activated(context):
-            base(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            base(input_ids=token, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
         times.append(time.perf_counter() - start)
         cache.crop(-1)  # drop the new token: every step sees the prompt-length cache
+        if context is not None:
+            reads = context.stats["slow_reads"] - before["slow_reads"]
+            projections = context.stats["kv_projections"] - before["kv_projections"]
+            expected = layers if context.reproject_slow_kv else 0
+            if reads != layers or projections != expected:
+                raise RuntimeError(
+                    f"The timed step did not run the slow path it claims: {reads} slow reads and {projections} K/V "
+                    f"projections in {layers} hybrid layers (expected {layers} and {expected})."
+                )
     return times
 
 
@@ -68,21 +83,20 @@ def main() -> None:
         native = family.prepare(base, slowfast_config(1, args.base_frames), video_inputs(processor, args.base_frames))
         fast = family.prepare(base, config, video_inputs(processor, args.frames))
         model.unwrap()
-        base_cache = base(**native.model_inputs, use_cache=True, logits_to_keep=1).past_key_values
+        base_cache = surface.output_cache(base(**native.model_inputs, use_cache=True, logits_to_keep=1))
         times: dict[str, list[float]] = {"base": [], "cached": [], "reprojected": []}
         slow_cache = None
         for round_ in range(args.rounds):
-            base_times = timed_steps(base, base_cache, None, args.steps)
+            base_times = timed_steps(base, base_cache, None, args.steps, layers=0)
             model = wrap(base, config)
+            layers = len(model.hybrid_layer_indices)
             context = model._slow_context(fast)  # slow K/V projected once (untimed, part of the prefill)
             if slow_cache is None:
                 with state.activated(context):
-                    slow_cache = base(**fast.model_inputs, use_cache=True, logits_to_keep=1).past_key_values
-            cached_times = timed_steps(base, slow_cache, context, args.steps)
-            context = state.SlowContext(
-                owner=id(model), slow=fast.slow, prompt_query_mask=context.prompt_query_mask, reproject_slow_kv=True
-            )
-            reprojected_times = timed_steps(base, slow_cache, context, args.steps)
+                    slow_cache = surface.output_cache(base(**fast.model_inputs, use_cache=True, logits_to_keep=1))
+            cached_times = timed_steps(base, slow_cache, context, args.steps, layers=layers)
+            context = model.slow_context(fast.slow, context.prompt_query_mask, reproject_slow_kv=True)
+            reprojected_times = timed_steps(base, slow_cache, context, args.steps, layers=layers)
             model.unwrap()
             if round_:  # round 0 is warm-up
                 times["base"] += base_times

@@ -83,13 +83,16 @@ def build_branch(shape: dict, implementation: str, slow_tokens: int, queries: in
 
     def call() -> tuple[float, float]:
         context = SlowContext(owner=1, slow=slow_tokens_, prompt_query_mask=torch.ones(1, queries, dtype=torch.bool))
+        context.begin_step(queries, None)  # what the language model's step hook announces in a real forward
         with activated(context):
             start = time.perf_counter()
             hooks.slow_kv(context)  # K/V projection of all slow tokens
             middle = time.perf_counter()
             hooks._before_attention(layer.self_attn, (), attention_kwargs)  # q_proj + RoPE + cross-attention
-            hooks._before_o_proj(layer.self_attn.o_proj, (attn_out,))  # gate + add
+            updated = hooks._before_o_proj(layer.self_attn.o_proj, (attn_out,))  # gate + add
             end = time.perf_counter()
+        if updated is None or context.stats["slow_reads"] != 1 or context.stats["kv_projections"] != 1:
+            raise RuntimeError(f"The timed call did not run the hybrid branch: {context.stats}")
         return middle - start, end - middle
 
     return call

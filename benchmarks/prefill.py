@@ -74,9 +74,16 @@ def prefill_call(base, prepared, ratio: int):
         return lambda: base(**prepared.model_inputs, logits_to_keep=1)
     model = wrap(base, SlowFastConfig())  # hooks do not depend on the strides (those only shape `prepared`)
 
+    layers = len(model.hybrid_layer_indices)
+
     def call():
-        with state.activated(model._slow_context(prepared)):
-            return base(**prepared.model_inputs, logits_to_keep=1)
+        context = model._slow_context(prepared)
+        with state.activated(context):
+            output = base(**prepared.model_inputs, logits_to_keep=1)
+        # What is timed must be the slow path: every hybrid layer projected its K/V once and read them.
+        if (context.stats["kv_projections"], context.stats["slow_reads"]) != (layers, layers):
+            raise RuntimeError(f"The timed prefill did not run the slow path in all {layers} layers: {context.stats}")
+        return output
 
     call.unwrap = model.unwrap
     return call

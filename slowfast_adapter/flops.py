@@ -30,8 +30,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import DynamicCache
 
@@ -58,7 +56,7 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-CPU_SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
+CPU_SDPA_FLOPS = {surface.cpu_sdpa_op(): _cpu_sdpa_flop}
 """`custom_mapping` for FlopCounterMode on real CPU tensors: SDPA's CPU kernel has no formula in torch."""
 
 
@@ -89,7 +87,7 @@ def build_meta_model(config: Any) -> nn.Module:
         return AutoModelForImageTextToText.from_config(copy.deepcopy(config), attn_implementation="sdpa")
 
 
-class _RealIndexMetaMode(TorchDispatchMode):
+class _RealIndexMetaMode(surface.TorchDispatchMode):
     """Meta execution in which small real CPU tensors (masks, indices, grids) keep their values.
 
     Moving a real tensor to meta is a no-op (so `.item()` / `.tolist()` on it still work), and an op with
@@ -101,8 +99,8 @@ class _RealIndexMetaMode(TorchDispatchMode):
         if func is torch.ops.aten._to_copy.default and args[0].device.type != "meta":
             if torch.device(kwargs.get("device", args[0].device)).type == "meta":
                 kwargs = {**kwargs, "device": args[0].device}
-        elif any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tree_leaves((args, kwargs))):
-            args, kwargs = tree_map(
+        elif any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in surface.tree_leaves((args, kwargs))):
+            args, kwargs = surface.tree_map(
                 lambda t: t.to("meta") if isinstance(t, torch.Tensor) and t.device.type != "meta" else t, (args, kwargs)
             )
         return func(*args, **kwargs)

@@ -29,7 +29,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
 from transformers import Cache
+
+__all__ = ["TorchDispatchMode", "tree_leaves", "tree_map"]  # torch internals the FLOP counter uses, fenced here
 
 TESTED_TRANSFORMERS = ">=5.17,<5.25"
 """The transformers releases the test suite runs on (CI: the newest and the oldest); pyproject.toml declares it."""
@@ -164,16 +168,28 @@ def language_model_step(args: tuple, kwargs: dict) -> tuple[int, int | None]:
     return length, caches[0].get_seq_length() if caches else None
 
 
-def run_language_model(model: nn.Module, inputs_embeds: torch.Tensor, cache: Any) -> torch.Tensor:
-    """Run the text decoder on `inputs_embeds` [B, L, D] with a KV cache; returns the last hidden states.
+def cache_kwarg(module: nn.Module) -> str:
+    """The keyword under which `module.forward` takes a KV cache: `cache` from transformers 5.24 on,
+    `past_key_values` before."""
+    parameters = inspect.signature(module.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise changed(f"{type(module).__name__}.forward(cache=... | past_key_values=...)")
 
-    The cache's keyword is `cache` from transformers 5.24 on and `past_key_values` before."""
+
+def output_cache(output: Any) -> Cache:
+    """The KV cache of a model output, found by type (its field name follows the keyword's rename)."""
+    caches = [value for value in output.values() if isinstance(value, Cache)]
+    if len(caches) != 1:
+        raise changed(f"{type(output).__name__}.cache", f"found {len(caches)} transformers.Cache values.")
+    return caches[0]
+
+
+def run_language_model(model: nn.Module, inputs_embeds: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Run the text decoder on `inputs_embeds` [B, L, D] with a KV cache; returns the last hidden states."""
     decoder = language_model(model)
-    parameters = inspect.signature(decoder.forward).parameters
-    name = "cache" if "cache" in parameters else "past_key_values"
-    if name not in parameters:
-        raise changed("language_model.forward(cache=... | past_key_values=...)")
-    return decoder(inputs_embeds=inputs_embeds, use_cache=True, **{name: cache}).last_hidden_state
+    return decoder(inputs_embeds=inputs_embeds, use_cache=True, **{cache_kwarg(decoder): cache}).last_hidden_state
 
 
 # ------------------------------------------------------------------------------------------------ vision
@@ -208,3 +224,12 @@ def enable_checkpointing(model: nn.Module, checkpoint_kwargs: dict, **kwargs: An
         _attribute(model, "gradient_checkpointing_enable", type(model).__name__)(
             gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs
         )
+
+
+# ------------------------------------------------------------------------------------- torch internals
+def cpu_sdpa_op() -> Any:
+    """`aten._scaled_dot_product_flash_attention_for_cpu`: what SDPA runs on real CPU tensors (no FLOP formula)."""
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    except (AttributeError, RuntimeError):
+        raise changed("torch.ops.aten._scaled_dot_product_flash_attention_for_cpu") from None

@@ -10,7 +10,7 @@ from conftest import make_inputs
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import slowfast_adapter as sfa
-from slowfast_adapter import flops
+from slowfast_adapter import flops, surface
 from slowfast_adapter.cli import main
 
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2)
@@ -82,7 +82,7 @@ def test_qwen2_7b_decoder_over_3236_tokens_is_49_96_tflop(llava_video_7b):
 
     def forward():
         cache = __import__("transformers").DynamicCache(config=llava_video_7b.text_config)
-        hidden = model.model.language_model(inputs_embeds=embeds, past_key_values=cache).last_hidden_state
+        hidden = surface.run_language_model(model, embeds, cache)
         return model.lm_head(hidden)
 
     assert round(flops.count_flops(forward)[0] / 1e12, 2) == 49.96
@@ -104,6 +104,9 @@ def test_paper_claim_on_llava_video_7b_128_slow_fast_frames_vs_16_base_frames(ll
     assert 1.0 < ratio < 1.03  # the paper: about +3% LLM prefill for 8x the frames
     assert slowfast.vision == 8 * base.vision
     assert slowfast.decode_step_reprojecting > 40 * base.decode_step > 40 * (slowfast.decode_step / 1.2)
+    # The decode step reads the slow tokens: a little more than the base (the new token's query, attention and gate).
+    per_decode_token = 4 * (2 * hidden * hidden + 4 * heads * slow * head_dim + 2 * hidden)
+    assert slowfast.decode_step - base.decode_step == per_decode_token
 
 
 def _fields(config) -> dict:
