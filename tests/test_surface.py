@@ -94,13 +94,18 @@ def test_hooks_receive_exactly_the_known_keyword_arguments_in_prefill_and_decode
     model = sfa.wrap(base, CONFIG)
     layer = base.model.language_model.layers[model.hybrid_layer_indices[0]]
     seen, steps = [], []  # steps: (length, cached) read when the hook ran (the cache object grows later)
+
+    def on_language_model(module, args, kwargs):
+        seen.append(("language_model", args, dict(kwargs)))
+        steps.append(surface.language_model_step(args, kwargs))
+
+    def on_attention(module, args, kwargs):
+        seen.append(("self_attn", args, dict(kwargs)))
+
     handles = [
-        base.model.language_model.register_forward_pre_hook(
-            lambda m, a, k: seen.append(("language_model", a, dict(k))) or steps.append(surface.language_model_step(a, k)),
-            with_kwargs=True,
-        ),
-        layer.self_attn.register_forward_pre_hook(lambda m, a, k: seen.append(("self_attn", a, dict(k))), with_kwargs=True),
-    ]  # fmt: skip
+        base.model.language_model.register_forward_pre_hook(on_language_model, with_kwargs=True),
+        layer.self_attn.register_forward_pre_hook(on_attention, with_kwargs=True),
+    ]
     inputs = make_inputs(processor, [("video", "What is it?")])
     with state.recording() as contexts:
         model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
