@@ -13,7 +13,7 @@ Internals and where they are used:
   `num_key_value_groups`, and `config._attn_implementation`;
 - hook arguments: `self_attn` is called with `hidden_states` and `position_embeddings=(cos, sin)`;
 - vision: `model.model.get_video_features` / `get_image_features` (their `.pooler_output`; Qwen3-VL's
-  `.deepstack_features`) and the base forward's `mm_encoder_outputs` argument;
+  `.deepstack_features`) and the base forward's `mm_encoder_outputs` argument (transformers 5.18+);
 - checkpointing: `activation_checkpointing_enable(activation_checkpointing_kwargs=...)`, or
   `gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)` on releases without it;
 - PEFT: `peft.tuners.lora.LoraLayer` (`lora_A`, `adapter_layer_names`, `get_base_layer`), `peft.functional`;
@@ -35,7 +35,7 @@ from transformers import Cache
 
 __all__ = ["TorchDispatchMode", "tree_leaves", "tree_map"]  # torch internals the FLOP counter uses, fenced here
 
-TESTED_TRANSFORMERS = ">=5.17,<5.25"
+TESTED_TRANSFORMERS = ">=5.18,<5.25"
 """The transformers releases the test suite runs on (CI: the newest and the oldest); pyproject.toml declares it."""
 
 ATTENTION_HIDDEN_KWARG = "hidden_states"
@@ -126,9 +126,10 @@ def check_model(model: nn.Module) -> None:
         for name in ATTENTION_MODULE_ATTRIBUTES:
             attention_attribute(attn, name)
         attention_implementation(attn)
-    parameters = inspect.signature(model.forward).parameters
-    if ENCODER_OUTPUTS_KWARG not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        raise changed(f"{type(model).__name__}.forward({ENCODER_OUTPUTS_KWARG}=...)")
+    # The class's own signature, by name: before 5.18 `**kwargs` swallowed the keyword and the base model ran
+    # on bare placeholder embeddings (wrong outputs, no error).
+    if ENCODER_OUTPUTS_KWARG not in inspect.signature(type(model).forward).parameters:
+        raise changed(f"{type(model).__name__}.forward({ENCODER_OUTPUTS_KWARG}=...)", "It is new in transformers 5.18.")
     for name in ("get_video_features", "get_image_features"):
         _attribute(model.model, name, "model.model")
 

@@ -89,6 +89,13 @@ def test_missing_vision_entry_points_and_encoder_outputs_are_named(base, monkeyp
         surface.check_model(base)
 
 
+def test_a_forward_that_would_swallow_encoder_outputs_in_kwargs_is_refused(base, monkeypatch):
+    """transformers < 5.18: `forward(..., **kwargs)` without `mm_encoder_outputs` ignores the fast tokens."""
+    monkeypatch.setattr(type(base), "forward", lambda self, input_ids=None, **kwargs: None)
+    with pytest.raises(surface.SurfaceError, match="mm_encoder_outputs"):
+        sfa.wrap(base, CONFIG)
+
+
 @torch.no_grad()
 def test_hooks_receive_exactly_the_known_keyword_arguments_in_prefill_and_decode(base, processor, family):
     model = sfa.wrap(base, CONFIG)
