@@ -49,6 +49,11 @@ class LlavaOnevisionFamily(ModelFamily):
             num_videos, num_frames = pixel_values_videos.shape[:2]
             height, width = self.video_grid(model)
             features = surface.video_features(model, pixel_values_videos, **feature_kwargs).pooler_output
+            if features.shape[1] != num_frames * height * width + 1:  # transformers 5.18+: grids + the newline token
+                raise surface.changed(
+                    "LlavaOnevisionModel.get_video_features(...).pooler_output",
+                    f"expected [videos, {num_frames} x {height} x {width} + 1, D], got {tuple(features.shape)}.",
+                )
             frames = features[:, :-1].reshape(num_videos, num_frames, height, width, -1)  # [V, T, h, w, D]
             newline = features[:, -1:]  # [V, 1, D]
             plan = plan_fast_frames(num_frames, config)
