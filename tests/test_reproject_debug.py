@@ -40,3 +40,9 @@ def test_reprojecting_every_step_runs_kv_proj_per_step_and_changes_nothing(tiny_
     assert torch.equal(reprojected.sequences, cached.sequences)
     for a, b in zip(reprojected.scores, cached.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.debug_reproject_slow_kv = False
+    with model.slow_path_disabled():
+        fast_only, _ = run()
+    # The equality above means something: every decode step's scores depend on the slow tokens.
+    for step in range(1, new_tokens):
+        assert (fast_only.scores[step] - cached.scores[step]).abs().max() > 1e-3, step
