@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import state
 from ..config import SlowFastConfig
 from ..model import wrap
 from ..quickstart import answer_batch
@@ -103,18 +104,40 @@ class NeedleTask:
 
 
 @torch.no_grad()
-def accuracy(model, task: NeedleTask, *, batch_size: int = 50, limit: int | None = None) -> float:
-    """Fraction of videos whose greedy answer starts with the right colour."""
+def accuracy(
+    model, task: NeedleTask, *, batch_size: int = 50, limit: int | None = None, slow_path: bool = True
+) -> float:
+    """Fraction of videos whose greedy answer starts with the right colour.
+
+    slow_path: whether the model is expected to read the slow tokens (the slow-fast setting) or not (base,
+    fast tokens only); checked on every batch, so a number is never reported for a path that did not run.
+    """
     model.eval()
     count = min(len(task), limit or len(task))
     correct = 0
     for start in range(0, count, batch_size):
         indices = list(range(start, min(count, start + batch_size)))
         inputs = task.prompt_batch(indices)
-        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with state.recording() as contexts:
+            output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        check_slow_path(contexts, rows=len(indices), expected=slow_path)
         texts = task.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         correct += sum(text.strip().startswith(task.answers[i]) for text, i in zip(texts, indices, strict=True))
     return correct / count
+
+
+def check_slow_path(contexts: list[state.SlowContext], *, rows: int, expected: bool) -> None:
+    """With `expected`, one call ran and every decode step's new token of every row read the slow tokens;
+    without, no slow context ran at all."""
+    if not expected:
+        if contexts:
+            raise RuntimeError("The slow path ran in a setting that must not use it.")
+        return
+    if len(contexts) != 1:
+        raise RuntimeError(f"Expected one slow-fast call, saw {len(contexts)}.")
+    decode = [per_row for step, _, per_row in contexts[0].reads if step > 1]
+    if not decode or any(per_row.tolist() != [1] * rows for per_row in decode):
+        raise RuntimeError("A generated token did not read the slow tokens: the measured setting is not slow-fast.")
 
 
 def train(
@@ -231,7 +254,7 @@ def run(config: DemoConfig | None = None, log: Callable[[str], None] = print) ->
     pretrain = NeedleTask(data, "pretrain", config.native_frames, processor, part=slice(0, -held_out))
     pretrain_val = NeedleTask(data, "pretrain", config.native_frames, processor, part=slice(-held_out, None))
     train(base, pretrain, steps=config.pretrain_steps, lr=config.pretrain_lr, batch_size=config.batch_size,
-          seed=config.seed, log=log, name="base", evaluate=lambda: accuracy(base, pretrain_val),
+          seed=config.seed, log=log, name="base", evaluate=lambda: accuracy(base, pretrain_val, slow_path=False),
           eval_every=config.eval_every, stop_at=config.pretrain_target)  # fmt: skip
     base_dir = out / "pretrained-base"
     base.save_pretrained(base_dir)
@@ -252,7 +275,7 @@ def run(config: DemoConfig | None = None, log: Callable[[str], None] = print) ->
 
     def measure(name: str, description: str, task: NeedleTask, inputs, context=None) -> None:
         with context() if context else nullcontext():
-            acc = accuracy(model, task)
+            acc = accuracy(model, task, slow_path=context is None)
             flops = prefill_flops(model, inputs)
         rows.append({"setting": name, "description": description, "frames": task.videos[0].shape[0],
                      "accuracy": acc, "llm_prefill_flops": flops["total"], "flops": flops})  # fmt: skip
