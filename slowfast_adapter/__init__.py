@@ -1,9 +1,26 @@
-"""slowfast-adapter: retrofit the slow-fast architecture onto Hugging Face video MLLMs."""
+"""slowfast-adapter: retrofit the slow-fast architecture onto Hugging Face video MLLMs.
 
-__version__ = "0.1.0"
+The public names load on first use (PEP 562), so `import slowfast_adapter` and `slowfast-adapter --help` stay
+light: torch and transformers are imported when a model class or config is first touched.
+"""
 
-from .adapter_io import AdapterError  # noqa: E402
-from .config import SlowFastConfig  # noqa: E402
-from .model import SlowFastModel, wrap  # noqa: E402
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .config import SlowFastConfig
+    from .files import AdapterError
+    from .model import SlowFastModel, wrap
+
+_EXPORTS = {"AdapterError": ".files", "SlowFastConfig": ".config", "SlowFastModel": ".model", "wrap": ".model"}
 __all__ = ["AdapterError", "SlowFastConfig", "SlowFastModel", "__version__", "wrap"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,10 +12,11 @@ Every file is written to a temporary name beside its target and renamed into pla
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,43 +25,29 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__, lora
+from . import model_card
 from .config import SlowFastConfig
 from .families import family_for
-from .lora import LORA_SUBFOLDER
+from .files import (
+    CONFIG_NAME,
+    DEFAULT_ADAPTER,
+    LORA_SUBFOLDER,
+    README_NAME,
+    WEIGHTS_NAME,
+    AdapterError,
+    atomic_write,
+    atomic_write_text,
+)
+from .version import __version__
 
 if TYPE_CHECKING:
     from peft import LoraConfig
 
-    from .model import SlowFastModel
+__all__ = ["CONFIG_NAME", "DEFAULT_ADAPTER", "README_NAME", "WEIGHTS_NAME", "AdapterError", "SavedAdapter"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-README_NAME = "README.md"
 FORMAT_VERSION = 2  # 2: optional lora/ subfolder and projector tensors; 1 (read too): slow branches only
 READABLE_FORMAT_VERSIONS = (1, 2)
-DEFAULT_ADAPTER = "default"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
-
-
-class AdapterError(ValueError):
-    """An adapter folder that cannot be loaded onto this base model, with the reason and the fix."""
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through `write(tmp_path)` to a temporary file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def base_identity(model: nn.Module, projector_paths: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -86,35 +73,40 @@ def base_identity(model: nn.Module, projector_paths: tuple[str, ...] = ()) -> di
 
 
 # ----------------------------------------------------------------------------------------------- save
-def save_adapters(model: SlowFastModel, directory: str | os.PathLike, selected: list[str] | None = None) -> None:
-    """Save adapters as PEFT lays them out: "default" in `directory`, any other in `directory/<name>/`."""
-    names = list(model.slowfast_adapters) if selected is None else list(selected)
-    unknown = [n for n in names if n not in model.slowfast_adapters]
-    if unknown or not names:
-        raise ValueError(
-            f"Cannot save adapters {unknown or names}: loaded adapters are {list(model.slowfast_adapters)}."
-        )
-    for name in names:
-        folder = Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
-        save_adapter(model, folder, name)
+@dataclass
+class SavedLora:
+    """The LoRA part of an adapter: PEFT's config, its tensors (PEFT keys) and the base model's class."""
+
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]
+    base_class: type
 
 
-def save_adapter(model: SlowFastModel, directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> None:
-    """Write one adapter folder (see the module docstring); adapter_config.json is written last."""
+def write_adapter(
+    directory: str | os.PathLike,
+    *,
+    tensors: dict[str, torch.Tensor],
+    identity: dict[str, Any],
+    config: SlowFastConfig,
+    hybrid_layers: list[int],
+    projector_modules: list[str] | None,
+    lora: SavedLora | None,
+) -> None:
+    """Write one adapter folder (see the module docstring); adapter_config.json is written last.
+
+    tensors: `slow_branches.<layer>.<param>` (+ `projector.<path>.<param>`); identity: `base_identity(base)`.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model.slowfast_configs[adapter_name]
-    adapter = model.slowfast_adapters[adapter_name]
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.adapter_state_dict(adapter_name).items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    identity = base_identity(model.base_model, model.family.projector_modules if adapter.projectors else ())
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     counts = {"slowfast": sum(v.numel() for k, v in tensors.items() if k.startswith("slow_branches."))}
     counts["projector"] = sum(v.numel() for k, v in tensors.items() if k.startswith("projector."))
     lora_dir = directory / LORA_SUBFOLDER
-    if adapter_name in model.lora_configs:
-        lora_tensors = {k: v.detach().contiguous().cpu() for k, v in model.lora_state_dict(adapter_name).items()}
+    if lora is not None:
+        lora_tensors = {k: v.detach().contiguous().cpu() for k, v in lora.tensors.items()}
         counts["lora"] = sum(v.numel() for v in lora_tensors.values())
-        _save_lora(lora_dir, model.lora_configs[adapter_name], lora_tensors, identity, type(model.base_model))
+        _save_lora(lora_dir, lora.config, lora_tensors, identity, lora.base_class)
     else:
         counts["lora"] = 0
         _remove_stale_lora(lora_dir)
@@ -125,28 +117,24 @@ def save_adapter(model: SlowFastModel, directory: str | os.PathLike, adapter_nam
         "base_model_name_or_path": identity["name_or_path"],  # PEFT's names for the base, for Hub tooling
         "revision": identity["revision"],
         "base_model": identity,
-        "hybrid_layers": adapter.hybrid_layer_indices,
+        "hybrid_layers": hybrid_layers,
         "slowfast_config": config.to_dict(),
-        "projector_modules": list(model.family.projector_modules) if adapter.projectors else None,
-        "lora": LORA_SUBFOLDER if adapter_name in model.lora_configs else None,
+        "projector_modules": projector_modules,
+        "lora": LORA_SUBFOLDER if lora is not None else None,
         "num_parameters": counts,
     }
-    _atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    from .model_card import is_generated, render
-
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     readme = directory / README_NAME
-    if not readme.exists() or is_generated(readme.read_text(errors="replace")):  # never overwrite a user's card
-        _atomic_write_text(readme, render(meta))
+    if not readme.exists() or model_card.is_generated(readme.read_text(errors="replace")):  # never a user's card
+        atomic_write_text(readme, model_card.render(meta))
 
 
 def _save_lora(
     directory: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], identity: dict, base_cls: type
 ) -> None:
     """PEFT's own files, as `PeftModel.save_pretrained` writes them (config through `LoraConfig.save_pretrained`)."""
-    import copy
-
     directory.mkdir(exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config = copy.deepcopy(config)
     config.base_model_name_or_path = identity["name_or_path"] or None
     config.revision = identity["revision"]
@@ -215,48 +203,29 @@ def check_base(base_model: nn.Module, meta: dict[str, Any], directory: Path) -> 
         )
 
 
-def load_adapter(
-    base_model: nn.Module,
-    path_or_hub_id: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    adapter_name: str = DEFAULT_ADAPTER,
-    is_trainable: bool = False,
-    token: str | None = None,
-    subfolder: str | None = None,
-) -> SlowFastModel:
-    """Wrap `base_model` with the saved adapter; on any error the base is left exactly as it was."""
-    from .model import SlowFastModel
+@dataclass
+class SavedAdapter:
+    """A validated adapter folder, read into memory (nothing applied to any model yet)."""
 
-    model = SlowFastModel._bare(base_model, adapter_name)
-    try:
-        load_into(
-            model, path_or_hub_id, adapter_name, revision=revision, is_trainable=is_trainable, token=token,
-            subfolder=subfolder,
-        )  # fmt: skip
-    except BaseException:
-        model.unwrap()
-        raise
-    return model
+    directory: Path
+    meta: dict[str, Any]
+    config: SlowFastConfig
+    tensors: dict[str, torch.Tensor]
+    lora_config: LoraConfig | None = None
+    lora_tensors: dict[str, torch.Tensor] | None = None
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / WEIGHTS_NAME
+
+    @property
+    def lora_path(self) -> Path:
+        return self.directory / LORA_SUBFOLDER
 
 
-def load_into(
-    model: SlowFastModel,
-    path_or_hub_id: str | os.PathLike,
-    adapter_name: str,
-    *,
-    revision: str | None = None,
-    is_trainable: bool = False,
-    token: str | None = None,
-    subfolder: str | None = None,
-) -> None:
-    """Add the saved adapter to `model` as `adapter_name`; all checks run before anything changes, and a
-    failure while filling the new modules removes them again."""
-    from .hub import resolve_folder
-
-    model._check_wrapped()
-    model._check_new_name(adapter_name)
-    directory = resolve_folder(path_or_hub_id, revision=revision, token=token, subfolder=subfolder)
+def read_adapter(directory: str | os.PathLike) -> SavedAdapter:
+    """Read and validate an adapter folder: config, format version, LoRA part and tensors."""
+    directory = Path(directory)
     meta = read_adapter_config(directory)
     try:
         config = SlowFastConfig.from_dict(meta["slowfast_config"])
@@ -264,26 +233,10 @@ def load_into(
         raise AdapterError(f"{directory / CONFIG_NAME}: invalid slowfast_config: {err}") from err
     if bool(meta.get("projector_modules")) != config.train_projector:
         raise AdapterError(f"{directory / CONFIG_NAME}: projector_modules does not match train_projector; corrupt.")
-    check_base(model.base_model, meta, directory)
     lora_config = _read_lora_config(directory, meta)
     tensors = _load_tensors(directory)
     lora_tensors = _load_tensors(directory / LORA_SUBFOLDER) if lora_config is not None else None
-    try:
-        model._add_adapter(adapter_name, config, lora_config)
-    except ValueError as err:  # e.g. the saved LoRA targets do not exist in this base
-        raise AdapterError(f"The adapter in {directory} does not fit this base model: {err}") from err
-    try:
-        _copy_checked(model.adapter_state_dict(adapter_name), tensors, directory / WEIGHTS_NAME)
-        if lora_tensors is not None:
-            _check_keys_and_shapes(model.lora_state_dict(adapter_name), lora_tensors, directory / LORA_SUBFOLDER)
-            lora.load_state_dict(model.base_model, lora_tensors, adapter_name)
-            loaded = model.lora_state_dict(adapter_name)
-            if not all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in lora_tensors.items()):
-                raise AdapterError(f"PEFT did not load every LoRA tensor of {directory / LORA_SUBFOLDER} exactly.")
-    except BaseException:
-        model._drop_adapter(adapter_name)
-        raise
-    model.set_adapter_trainable(adapter_name, is_trainable)
+    return SavedAdapter(directory, meta, config, tensors, lora_config, lora_tensors)
 
 
 def _read_lora_config(directory: Path, meta: dict[str, Any]) -> LoraConfig | None:
@@ -310,7 +263,7 @@ def _read_lora_config(directory: Path, meta: dict[str, Any]) -> LoraConfig | Non
     return config
 
 
-def _check_keys_and_shapes(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
+def check_keys_and_shapes(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -327,8 +280,8 @@ def _check_keys_and_shapes(expected: dict[str, torch.Tensor], tensors: dict[str,
         )
 
 
-def _copy_checked(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
-    _check_keys_and_shapes(targets, tensors, path)
+def copy_checked(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    check_keys_and_shapes(targets, tensors, path)
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(tensors[key])

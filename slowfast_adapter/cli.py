@@ -8,9 +8,12 @@ import os
 import sys
 from pathlib import Path
 
+from .configs import SHIPPED_CONFIGS
+from .version import __version__
+
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import QuickstartConfig, run
+    from .demo.quickstart import QuickstartConfig, run
 
     values = {}
     if args.recipe:
@@ -32,7 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
     import yaml
 
     from .demo.experiment import DemoConfig, run
-    from .recipe import yaml_numbers
+    from .training.recipe import yaml_numbers
 
     values = {}
     if args.recipe:
@@ -49,8 +52,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import logging
 
-    from .recipe import Recipe
-    from .train import train
+    from .training.recipe import Recipe
+    from .training.train import train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("slowfast_adapter").setLevel(logging.INFO)
@@ -82,9 +85,48 @@ def _flops(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _flops_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `slowfast-adapter flops`."""
+    parser.add_argument(
+        "model",
+        help="A local model folder or config.json, a Hub id (only config.json is fetched), or a shipped config: "
+        + ", ".join(f"{name} ({hub})" for name, hub in SHIPPED_CONFIGS.items()),
+    )
+    parser.add_argument("--frames", type=int, nargs="+", default=[128], help="Slow-fast frame counts (columns).")
+    parser.add_argument(
+        "--base-frames",
+        type=int,
+        help="Frames of the base model at its native tokens (default: as many as give the first column's fast tokens).",
+    )
+    parser.add_argument("--text-tokens", type=int, default=100, help="Text tokens of the prompt (default 100).")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="Square frame size in px for Qwen families (default: the family's, 448).",
+    )
+    parser.add_argument("--slowfast-config", help="JSON file with SlowFastConfig fields; the flags below override it.")
+    for flag, name in (
+        ("--sampling-stride", "temporal_sampling_stride"),
+        ("--pooling-stride", "temporal_pooling_stride"),
+        ("--spatial-stride", "spatial_pooling_stride"),
+        ("--min-fast-frames", "min_fast_frames"),
+        ("--hybrid-interval", "hybrid_layer_interval"),
+        ("--hybrid-start", "hybrid_layer_start"),
+    ):
+        parser.add_argument(flag, dest=name, type=int, help=f"SlowFastConfig.{name}")
+    parser.add_argument(
+        "--hybrid-layers", dest="hybrid_layers", type=int, nargs="+", help="SlowFastConfig.hybrid_layers"
+    )
+    parser.add_argument("--query-tokens", dest="query_tokens", help="SlowFastConfig.query_tokens")
+    parser.add_argument(
+        "--json", dest="json_path", help="Also write the report as JSON to this file ('-' = stdout only)."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="slowfast-adapter", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"slowfast-adapter {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     quick = commands.add_parser(
@@ -126,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect.set_defaults(func=_inspect)
 
     flops = commands.add_parser("flops", help="Exact FLOPs on the meta device (no weights): base model vs slow-fast.")
-    from .flops import add_cli_arguments
-
-    add_cli_arguments(flops)
+    _flops_arguments(flops)
     flops.set_defaults(func=_flops)
 
     args = parser.parse_args(argv)

@@ -35,18 +35,12 @@ from transformers import DynamicCache
 
 from . import surface
 from .config import SlowFastConfig
+from .configs import CONFIGS_DIR, SHIPPED_CONFIGS
 from .families import family_for
+from .families.base import VideoLayout
 from .pooling import plan_fast_frames
-from .state import SlowTokens, activated
+from .state import SlowTokens, activated, prompt_query_mask
 
-CONFIGS_DIR = Path(__file__).parent / "configs"
-SHIPPED_CONFIGS = {
-    "llava-video-7b-qwen2": "llava-hf/LLaVA-Video-7B-Qwen2-hf",
-    "qwen2-vl-7b-instruct": "Qwen/Qwen2-VL-7B-Instruct",
-}
-"""Configs shipped with the package (folder name -> the Hub id they transcribe), usable offline."""
-
-QWEN_DEFAULT_IMAGE_SIZE = 448
 QWEN3_TIMESTAMP_TOKENS = 6
 """Qwen3-VL writes `<t seconds>` before each temporal group: about 6 tokens (`<`, digits, `.`, digit,
 ` seconds`, `>`) with the Qwen tokenizer; with `<|vision_start|>` / `<|vision_end|>`, 8 text tokens per group."""
@@ -126,6 +120,7 @@ class VideoTokens:
     visual_tokens: int  # video placeholder tokens in the LLM sequence
     structure_tokens: int  # non-visual tokens the video adds to the sequence (Qwen3-VL timestamps)
     slow_tokens: int  # 0 for the base model
+    layout: VideoLayout  # the family's layout of this video
 
 
 def video_tokens(
@@ -137,33 +132,22 @@ def video_tokens(
     qwen3_timestamp_tokens: int = QWEN3_TIMESTAMP_TOKENS,
 ) -> VideoTokens:
     """Token counts of one square video of `frames` frames, for the base (`slowfast` None) or slow-fast."""
-    family = family_for(model)
-    vision = model.config.vision_config
-    if family.name == "llava_onevision":
-        if image_size not in (None, vision.image_size):
-            raise ValueError(f"LLaVA-OneVision encodes frames at its fixed {vision.image_size} px; drop --image-size.")
-        units, unit_name, grid, newline, per_unit_text = frames, "frames", family.video_grid(model), 1, 0
-    else:
-        image_size = image_size or QWEN_DEFAULT_IMAGE_SIZE
-        step = vision.patch_size * vision.spatial_merge_size
-        if image_size % step or frames % vision.temporal_patch_size:
-            raise ValueError(
-                f"{family.name}: the image size must be a multiple of {step} px (got {image_size}) and the "
-                f"frame count a multiple of {vision.temporal_patch_size} (got {frames})."
-            )
-        side = image_size // step
-        units, unit_name, grid, newline = frames // vision.temporal_patch_size, "temporal groups", (side, side), 0
-        per_unit_text = qwen3_timestamp_tokens + 2 if family.name == "qwen3_vl" else 0
+    layout = family_for(model).video_layout(
+        model, frames, image_size=image_size, timestamp_tokens=qwen3_timestamp_tokens
+    )
+    units, grid = layout.units, layout.grid
     native = units * grid[0] * grid[1]
     if slowfast is None:
-        return VideoTokens(frames, units, units, grid, native + newline, units * per_unit_text, 0)
-    plan = plan_fast_frames(units, slowfast, unit=unit_name)
+        return VideoTokens(frames, units, units, grid, native + layout.newline_tokens,
+                           units * layout.text_tokens_per_unit, 0, layout)  # fmt: skip
+    plan = plan_fast_frames(units, slowfast, unit=layout.unit_name)
     fast_units, fast = plan.num_fast_frames, plan.num_fast_tokens(*grid)
-    return VideoTokens(frames, units, fast_units, grid, fast + newline, fast_units * per_unit_text, native)
+    return VideoTokens(frames, units, fast_units, grid, fast + layout.newline_tokens,
+                       fast_units * layout.text_tokens_per_unit, native, layout)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ counting
-def count_vision(model: nn.Module, tokens: VideoTokens, image_size: int | None = None, *, direct: bool = False) -> int:
+def count_vision(model: nn.Module, tokens: VideoTokens, *, direct: bool = False) -> int:
     """FLOPs of the family's video feature path (vision tower + projector/merger) for one video.
 
     LLaVA-OneVision runs all frames as one meta batch. Qwen towers attend within each temporal group
@@ -172,22 +156,12 @@ def count_vision(model: nn.Module, tokens: VideoTokens, image_size: int | None =
     because every group runs the same ops on the same shapes (checked against direct counts in tests).
     """
     family = family_for(model)
-    vision = model.config.vision_config
-    if family.name == "llava_onevision":
-        size = vision.image_size
-        pixels = torch.empty(1, tokens.frames, vision.num_channels, size, size, device="meta")
-        return count_flops(lambda: surface.video_features(model, pixels))[0]
-    if not direct and tokens.units > 2:
-        one, two = (count_vision(model, replace(tokens, units=n), image_size, direct=True) for n in (1, 2))
+    if family.vision_cost_per_unit and not direct and tokens.units > 2:
+        smaller = [replace(tokens, units=n, layout=replace(tokens.layout, units=n)) for n in (1, 2)]
+        one, two = (count_vision(model, small, direct=True) for small in smaller)
         return one + (tokens.units - 1) * (two - one)
-    merge = vision.spatial_merge_size
-    height, width = tokens.grid[0] * merge, tokens.grid[1] * merge  # in patches
-    grid_thw = torch.tensor([[tokens.units, height, width]])
-    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
-    patch_dim = channels * vision.temporal_patch_size * vision.patch_size**2
-    pixels = torch.empty(tokens.units * height * width, patch_dim, device="meta")
     with _RealIndexMetaMode():
-        return count_flops(lambda: model.model.visual(pixels, grid_thw=grid_thw))[0]
+        return count_flops(lambda: family.encode_meta_video(model, tokens.layout))[0]
 
 
 @dataclass
@@ -329,17 +303,16 @@ def flops_report(
         architecture=type(base).__name__,
         family=model.family.name,
         text_tokens=text_tokens,
-        image_size=None if model.family.name == "llava_onevision" else image_size or QWEN_DEFAULT_IMAGE_SIZE,
+        image_size=columns_tokens[0].layout.image_size,
         hybrid_layers=list(model.hybrid_layer_indices),
         slowfast_config=slowfast.to_dict(),
     )
     for tokens in [video_tokens(base, base_frames, None, **layout), *columns_tokens]:
         is_base = tokens.slow_tokens == 0
         length = tokens.visual_tokens + tokens.structure_tokens + text_tokens
-        queries = torch.zeros(length, dtype=torch.bool)
-        queries[tokens.visual_tokens :] = True  # video first, then its structure tokens and the text
-        if slowfast.query_tokens == "all":
-            queries[:] = True
+        visual = torch.zeros(1, length, dtype=torch.bool)
+        visual[0, : tokens.visual_tokens] = True  # video first, then its structure tokens and the text
+        queries = prompt_query_mask(visual, slowfast.query_tokens)[0]
         plain = count_language_model(model, length)
         column = Column(
             label=f"{'base' if is_base else 'slow-fast'} @{tokens.frames}f",
@@ -348,7 +321,7 @@ def flops_report(
             video_tokens_in_sequence=tokens.visual_tokens,
             slow_tokens=tokens.slow_tokens,
             query_tokens=0 if is_base else int(queries.sum()),
-            vision=count_vision(base, tokens, image_size),
+            vision=count_vision(base, tokens),
             llm_prefill=plain.prefill,
             decode_step=plain.decode_step,
         )
@@ -414,42 +387,6 @@ def format_report(report: FlopReport) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def add_cli_arguments(parser: Any) -> None:
-    """Arguments of `slowfast-adapter flops`."""
-    parser.add_argument(
-        "model",
-        help="A local model folder or config.json, a Hub id (only config.json is fetched), or a shipped config: "
-        + ", ".join(f"{name} ({hub})" for name, hub in SHIPPED_CONFIGS.items()),
-    )
-    parser.add_argument("--frames", type=int, nargs="+", default=[128], help="Slow-fast frame counts (columns).")
-    parser.add_argument(
-        "--base-frames",
-        type=int,
-        help="Frames of the base model at its native tokens (default: as many as give the first column's fast tokens).",
-    )
-    parser.add_argument("--text-tokens", type=int, default=100, help="Text tokens of the prompt (default 100).")
-    parser.add_argument(
-        "--image-size", type=int, help=f"Square frame size in px for Qwen families (default {QWEN_DEFAULT_IMAGE_SIZE})."
-    )
-    parser.add_argument("--slowfast-config", help="JSON file with SlowFastConfig fields; the flags below override it.")
-    for flag, name in (
-        ("--sampling-stride", "temporal_sampling_stride"),
-        ("--pooling-stride", "temporal_pooling_stride"),
-        ("--spatial-stride", "spatial_pooling_stride"),
-        ("--min-fast-frames", "min_fast_frames"),
-        ("--hybrid-interval", "hybrid_layer_interval"),
-        ("--hybrid-start", "hybrid_layer_start"),
-    ):
-        parser.add_argument(flag, dest=name, type=int, help=f"SlowFastConfig.{name}")
-    parser.add_argument(
-        "--hybrid-layers", dest="hybrid_layers", type=int, nargs="+", help="SlowFastConfig.hybrid_layers"
-    )
-    parser.add_argument("--query-tokens", dest="query_tokens", help="SlowFastConfig.query_tokens")
-    parser.add_argument(
-        "--json", dest="json_path", help="Also write the report as JSON to this file ('-' = stdout only)."
-    )
-
-
 def run_cli(args: Any) -> int:
     values = json.loads(Path(args.slowfast_config).read_text()) if args.slowfast_config else {}
     for name in (

@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # peft is imported only when LoRA is used (it takes seconds t
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
-LORA_SUBFOLDER = "lora"  # where an adapter folder keeps its LoRA part, in PEFT's format
 PEFT_KEY_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the base model
 
 

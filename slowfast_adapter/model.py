@@ -6,17 +6,18 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from . import lora, state, surface
+from . import adapter_io, hub, lora, state, surface
 from .adapters import SlowFastAdapter
 from .config import SlowFastConfig
 from .families import ModelFamily, PreparedInputs, family_for
+from .files import DEFAULT_ADAPTER, LORA_SUBFOLDER, AdapterError
 from .hybrid import HybridLayerHooks, register_step_hook
-from .lora import LORA_SUBFOLDER
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -73,16 +74,6 @@ class SlowFastModel(nn.Module):
         self._extra_hooks: list[torch.utils.hooks.RemovableHandle] = []  # projector and LoRA base-mode hooks
         base_model.requires_grad_(False)
 
-    @classmethod
-    def _bare(cls, base_model: nn.Module, adapter_name: str) -> SlowFastModel:
-        """A wrapper without adapters yet (the loader adds the saved one as `adapter_name`)."""
-        if isinstance(base_model, SlowFastModel):
-            raise TypeError("The model is already a SlowFastModel; pass its base (`model.unwrap()`) instead.")
-        model = cls.__new__(cls)
-        nn.Module.__init__(model)
-        model._setup(base_model, adapter_name)
-        return model
-
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -138,14 +129,7 @@ class SlowFastModel(nn.Module):
     def _slow_context(self, prepared: PreparedInputs) -> state.SlowContext | None:
         if prepared.slow is None:  # no visual input in the batch: exactly the base model
             return None
-        visual = prepared.visual_mask
-        which = self.slowfast_config.query_tokens
-        if which == "text":
-            queries = ~visual
-        elif which == "text_after_first_video":
-            queries = ~visual & (visual.long().cumsum(-1) > 0)
-        else:
-            queries = torch.ones_like(visual)
+        queries = state.prompt_query_mask(prepared.visual_mask, self.slowfast_config.query_tokens)
         attention_mask = prepared.model_inputs.get("attention_mask")
         if attention_mask is not None:
             queries = queries & attention_mask.bool()
@@ -240,11 +224,7 @@ class SlowFastModel(nn.Module):
         if not isinstance(config, SlowFastConfig):
             raise TypeError(f"config must be a SlowFastConfig, got {type(config).__name__}.")
         layers = self.family.decoder_layers(self.base_model)
-        self._add_adapter(adapter_name, config, lora.resolve_lora_config(config, lora_config, self.base_model, layers))
-
-    def _add_adapter(self, adapter_name: str, config: SlowFastConfig, lora_config: LoraConfig | None) -> None:
-        """Add adapter modules and LoRA exactly as given (the loader passes the saved `LoraConfig`)."""
-        self._check_new_name(adapter_name)
+        lora_config = lora.resolve_lora_config(config, lora_config, self.base_model, layers)
         adapter = SlowFastAdapter(self.base_model, self.family, config)
         self.slowfast_adapters[adapter_name] = adapter
         self.slowfast_configs[adapter_name] = config
@@ -273,18 +253,43 @@ class SlowFastModel(nn.Module):
         Refuses, with `AdapterError`, anything that does not match this base exactly; nothing changes then.
         `is_trainable=False` (PEFT's default) loads it frozen, for inference.
         """
-        from .adapter_io import load_into
+        self._check_wrapped()
+        self._check_new_name(adapter_name)
+        saved = _read_for(self.base_model, path_or_hub_id, revision=revision, token=token, subfolder=subfolder)
+        try:
+            self.add_adapter(adapter_name, saved.config, lora_config=_explicit_lora(saved))
+        except ValueError as err:  # e.g. the saved LoRA targets do not exist in this base
+            raise AdapterError(f"The adapter in {saved.directory} does not fit this base model: {err}") from err
+        try:
+            self._load_tensors(adapter_name, saved)
+        except BaseException:
+            self._drop_adapter(adapter_name)
+            raise
+        self.set_adapter_trainable(adapter_name, is_trainable)
 
-        load_into(
-            self, path_or_hub_id, adapter_name, revision=revision, is_trainable=is_trainable, token=token,
-            subfolder=subfolder,
-        )  # fmt: skip
+    def _load_tensors(self, adapter_name: str, saved: adapter_io.SavedAdapter) -> None:
+        """Copy a saved adapter's tensors into the (new) adapter `adapter_name`, checking keys and shapes."""
+        if saved.lora_config is not None:  # LoRA rebuilt from the config's lora_* fields must be the saved one
+            built = self.lora_configs.get(adapter_name)
+            fields = ("r", "lora_alpha", "lora_dropout", "target_modules")
+            if built is None or any(getattr(built, f) != getattr(saved.lora_config, f) for f in fields):
+                raise AdapterError(
+                    f"{saved.lora_path / adapter_io.CONFIG_NAME} does not match the LoRA that "
+                    f"{saved.directory / adapter_io.CONFIG_NAME}'s slowfast_config gives on this base; the folder "
+                    "mixes two saves or was edited."
+                )
+        adapter_io.copy_checked(self.adapter_state_dict(adapter_name), saved.tensors, saved.weights_path)
+        if saved.lora_tensors is not None:
+            adapter_io.check_keys_and_shapes(self.lora_state_dict(adapter_name), saved.lora_tensors, saved.lora_path)
+            lora.load_state_dict(self.base_model, saved.lora_tensors, adapter_name)
+            loaded = self.lora_state_dict(adapter_name)
+            if not all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in saved.lora_tensors.items()):
+                raise AdapterError(f"PEFT did not load every LoRA tensor of {saved.lora_path} exactly.")
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the adapter that runs (slow branches, projector and LoRA); model-wide, like PEFT."""
         self._check_wrapped()
-        if adapter_name not in self.slowfast_adapters:
-            raise ValueError(f"No adapter named {adapter_name!r}; loaded adapters: {list(self.slowfast_adapters)}.")
+        self._check_exists(adapter_name)
         self._active_adapter = adapter_name
         lora.activate(self.base_model, adapter_name)
         self._refresh_trainable()
@@ -292,18 +297,20 @@ class SlowFastModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter that is not active (its modules, LoRA and hooks)."""
         self._check_wrapped()
-        if adapter_name not in self.slowfast_adapters:
-            raise ValueError(f"No adapter named {adapter_name!r}; loaded adapters: {list(self.slowfast_adapters)}.")
+        self._check_exists(adapter_name)
         if adapter_name == self._active_adapter:
             raise ValueError(f"{adapter_name!r} is the active adapter: `set_adapter` another one before deleting it.")
         self._drop_adapter(adapter_name)
 
     def set_adapter_trainable(self, adapter_name: str, trainable: bool) -> None:
         """Whether `adapter_name`'s parameters train while it is active (loaded adapters start frozen)."""
-        if adapter_name not in self.slowfast_adapters:
-            raise ValueError(f"No adapter named {adapter_name!r}; loaded adapters: {list(self.slowfast_adapters)}.")
+        self._check_exists(adapter_name)
         self._trainable[adapter_name] = bool(trainable)
         self._refresh_trainable()
+
+    def _check_exists(self, adapter_name: str) -> None:
+        if adapter_name not in self.slowfast_adapters:
+            raise ValueError(f"No adapter named {adapter_name!r}; loaded adapters: {list(self.slowfast_adapters)}.")
 
     def _check_new_name(self, adapter_name: str) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\"):
@@ -425,10 +432,31 @@ class SlowFastModel(nn.Module):
         """Write the adapters (all by default) to `save_directory`, as PEFT lays them out: "default" at the top,
         any other adapter in `save_directory/<name>/`. Each folder gets adapter_config.json,
         adapter_model.safetensors (new parameters only), `lora/` (PEFT's format) if it has LoRA, and README.md."""
-        from .adapter_io import save_adapters
-
         self._check_wrapped()
-        save_adapters(self, save_directory, selected_adapters)
+        names = list(self.slowfast_adapters) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.slowfast_adapters]
+        if unknown or not names:
+            raise ValueError(
+                f"Cannot save adapters {unknown or names}: loaded adapters are {list(self.slowfast_adapters)}."
+            )
+        for name in names:
+            folder = Path(save_directory) if name == DEFAULT_ADAPTER else Path(save_directory) / name
+            adapter = self.slowfast_adapters[name]
+            projectors = list(self.family.projector_modules) if adapter.projectors is not None else None
+            saved_lora = None
+            if name in self.lora_configs:
+                saved_lora = adapter_io.SavedLora(
+                    self.lora_configs[name], self.lora_state_dict(name), type(self.base_model)
+                )
+            adapter_io.write_adapter(
+                folder,
+                tensors=self.adapter_state_dict(name),
+                identity=adapter_io.base_identity(self.base_model, tuple(projectors or ())),
+                config=self.slowfast_configs[name],
+                hybrid_layers=adapter.hybrid_layer_indices,
+                projector_modules=projectors,
+                lora=saved_lora,
+            )
 
     @classmethod
     def from_pretrained(
@@ -447,12 +475,20 @@ class SlowFastModel(nn.Module):
         Refuses mismatches with `AdapterError` and leaves `base_model` untouched then. Like PEFT,
         `is_trainable=False` loads the adapter frozen (inference); pass True to keep training it.
         """
-        from .adapter_io import load_adapter
-
-        return load_adapter(
-            base_model, path_or_hub_id, revision=revision, adapter_name=adapter_name, is_trainable=is_trainable,
-            token=token, subfolder=subfolder,
-        )  # fmt: skip
+        if isinstance(base_model, SlowFastModel):
+            raise TypeError("The model is already a SlowFastModel; pass its base (`model.unwrap()`) instead.")
+        saved = _read_for(base_model, path_or_hub_id, revision=revision, token=token, subfolder=subfolder)
+        try:
+            model = cls(base_model, saved.config, lora_config=_explicit_lora(saved), adapter_name=adapter_name)
+        except ValueError as err:  # e.g. the saved LoRA targets do not exist in this base
+            raise AdapterError(f"The adapter in {saved.directory} does not fit this base model: {err}") from err
+        try:
+            model._load_tensors(adapter_name, saved)
+        except BaseException:
+            model.unwrap()
+            raise
+        model.set_adapter_trainable(adapter_name, is_trainable)
+        return model
 
     def push_to_hub(
         self,
@@ -469,14 +505,33 @@ class SlowFastModel(nn.Module):
 
         Returns huggingface_hub's `CommitInfo`.
         """
-        from .hub import push_folder
-
         with tempfile.TemporaryDirectory(prefix="slowfast-adapter-push-") as tmp:
             self.save_pretrained(tmp, selected_adapters)
-            return push_folder(
+            return hub.push_folder(
                 tmp, repo_id, private=private, token=token, revision=revision, commit_message=commit_message,
                 create_pr=create_pr,
             )  # fmt: skip
+
+
+def _read_for(
+    base_model: nn.Module,
+    path_or_hub_id: str | os.PathLike,
+    *,
+    revision: str | None,
+    token: str | None,
+    subfolder: str | None,
+) -> adapter_io.SavedAdapter:
+    """Read a saved adapter (local folder or Hub repo) and check it fits `base_model`; nothing changes yet."""
+    directory = hub.resolve_folder(path_or_hub_id, revision=revision, token=token, subfolder=subfolder)
+    saved = adapter_io.read_adapter(directory)
+    adapter_io.check_base(base_model, saved.meta, directory)
+    return saved
+
+
+def _explicit_lora(saved: adapter_io.SavedAdapter) -> LoraConfig | None:
+    """The saved `LoraConfig` when it was given explicitly at wrap time; with `lora_r` > 0 the config's own
+    `lora_*` fields rebuild it (and `_load_tensors` checks that they rebuilt the saved one)."""
+    return saved.lora_config if not saved.config.lora_r else None
 
 
 def wrap(

@@ -73,7 +73,8 @@ def compact_tokens(
 
     tensors: name -> (tensor with the sequence as its last dim, pad value). A leading batch dim is
     required; extra leading dims (e.g. 3-D position ids [3, B, L]) are kept. Returns the compacted
-    tensors and an `attention_mask` entry (1 on kept real tokens, 0 on padding).
+    tensors under the same names (None stays None); pass the attention mask among `tensors` (pad 0) to
+    compact it too.
     """
     batch, length = keep.shape
     new_lengths = keep.sum(-1)  # [B]

@@ -59,6 +59,21 @@ class SlowTokens:
         return cls(tokens, mask)
 
 
+def prompt_query_mask(visual_mask: torch.Tensor, query_tokens: str) -> torch.Tensor:
+    """[B, L] bool: the prompt tokens that query the slow tokens, by `SlowFastConfig.query_tokens`.
+
+    visual_mask: [B, L] True on visual placeholder tokens. "text": every non-visual token;
+    "text_after_first_video": non-visual tokens after a sample's first visual token; "all": every token.
+    """
+    if query_tokens == "text":
+        return ~visual_mask
+    if query_tokens == "text_after_first_video":
+        return ~visual_mask & (visual_mask.long().cumsum(-1) > 0)
+    if query_tokens == "all":
+        return torch.ones_like(visual_mask)
+    raise ValueError(f"Unknown query_tokens {query_tokens!r}.")
+
+
 @dataclass
 class SlowContext:
     """Everything the hybrid layers need during one call.

@@ -12,15 +12,15 @@ from PIL import Image
 
 from slowfast_adapter import wrap
 from slowfast_adapter.config import SlowFastConfig
-from slowfast_adapter.data import (
+from slowfast_adapter.tiny import TINY_BUILDERS, random_video, write_mp4
+from slowfast_adapter.training.data import (
     IGNORE_INDEX,
     ConversationCollator,
     ConversationDataset,
     load_records,
     to_messages,
 )
-from slowfast_adapter.tiny import TINY_BUILDERS, random_video, write_mp4
-from slowfast_adapter.video import VideoReadError, read_clip, sample_indices, uniform_indices
+from slowfast_adapter.training.video import VideoReadError, read_clip, sample_indices, uniform_indices
 
 QUESTION, ANSWER, FOLLOW_UP, ANSWER2 = "What color is the square?", "It is red.", "Is it moving?", "Yes, left."
 
@@ -166,7 +166,7 @@ def test_bad_video_error_names_file_or_is_skipped(tmp_path, processor, caplog):
     with pytest.raises(VideoReadError, match="broken.mp4"):
         strict[0]
     lenient = ConversationDataset(records, processor, media_root=tmp_path, num_frames=4, skip_bad_videos=True)
-    with caplog.at_level(logging.WARNING, logger="slowfast_adapter.data"):
+    with caplog.at_level(logging.WARNING, logger="slowfast_adapter.training.data"):
         sample = lenient[0]
     assert sample.record_id == "short" and sample.videos[0].shape[0] == 4  # the next readable record
     assert "broken.mp4" in caplog.text and "Skipping record 0" in caplog.text

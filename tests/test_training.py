@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from slowfast_adapter import SlowFastModel
-from slowfast_adapter.recipe import Recipe
-from slowfast_adapter.tiny_data import write_tiny_training_data
-from slowfast_adapter.train import (
+from slowfast_adapter.demo.tiny_data import write_tiny_training_data
+from slowfast_adapter.training.recipe import Recipe
+from slowfast_adapter.training.train import (
     build_model,
     list_checkpoints,
     parameter_group_name,
@@ -165,7 +165,7 @@ def test_parameter_groups_partition_trainable_parameters(tiny_data, tmp_path):
 def test_gradient_checkpointing_covers_every_decoder_layer_and_keeps_grads(tiny_data, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from slowfast_adapter.data import ConversationCollator, ConversationDataset
+    from slowfast_adapter.training.data import ConversationCollator, ConversationDataset
 
     processor = AutoProcessor.from_pretrained(tiny_data["base"])
     dataset = ConversationDataset(tiny_data["train_file"], processor, num_frames=8)

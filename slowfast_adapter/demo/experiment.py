@@ -27,11 +27,11 @@ import torch
 from .. import state
 from ..config import SlowFastConfig
 from ..model import wrap
-from ..quickstart import answer_batch
 from ..tiny import build_tiny_llava_onevision
-from ..video import read_video
+from ..training.video import read_video
 from .flops import prefill_flops
 from .needle_data import COLORS, QUESTION, read_split, write_split
+from .quickstart import answer_batch
 
 
 @dataclass

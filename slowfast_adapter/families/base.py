@@ -31,6 +31,24 @@ class PreparedInputs:
     slow: SlowTokens | None
 
 
+@dataclass(frozen=True)
+class VideoLayout:
+    """How one square video enters a family's model (FLOP counting; no pixels needed).
+
+    units: frames (LLaVA) or temporal groups of frames (Qwen) the vision tower encodes; grid: native video
+    tokens per unit (h, w) after the base's own pooling / merging; newline_tokens: tokens a video adds once
+    (LLaVA's newline); text_tokens_per_unit: text the processor writes per unit (Qwen3-VL timestamps and
+    vision start/end); image_size: the frame size in px the layout assumes (None: fixed by the model).
+    """
+
+    units: int
+    unit_name: str
+    grid: tuple[int, int]
+    newline_tokens: int
+    text_tokens_per_unit: int
+    image_size: int | None
+
+
 class ModelFamily:
     """Base class of a family module. Subclasses set `name`, `architectures` and implement `prepare`."""
 
@@ -54,6 +72,20 @@ class ModelFamily:
 
     def prepare(self, model: nn.Module, config: SlowFastConfig, inputs: dict[str, Any]) -> PreparedInputs:
         """Turn the stock processor's output into fast-token model inputs plus slow tokens."""
+        raise NotImplementedError
+
+    # FLOP counting (`flops.py`): the video layout and the vision path on meta tensors.
+    vision_cost_per_unit = False
+    """True when the tower encodes each unit on its own (cost linear in units: counted for 1 and 2 units)."""
+
+    def video_layout(
+        self, model: nn.Module, frames: int, *, image_size: int | None = None, timestamp_tokens: int = 0
+    ) -> VideoLayout:
+        """The layout of one square video of `frames` frames (`timestamp_tokens`: Qwen3-VL's per-group text)."""
+        raise NotImplementedError
+
+    def encode_meta_video(self, model: nn.Module, layout: VideoLayout) -> None:
+        """Run the video feature path (vision tower + projector/merger) on meta pixels of `layout`."""
         raise NotImplementedError
 
     def fingerprint(self, model: nn.Module) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from .. import surface
 from ..config import SlowFastConfig
 from ..pooling import plan_fast_frames, pool_fast_frames
 from ..sequence import mask_positions, placeholder_item_rows, placeholder_keep_mask
-from .base import ModelFamily, PreparedInputs, finish_prepare, pop_input_ids
+from .base import ModelFamily, PreparedInputs, VideoLayout, finish_prepare, pop_input_ids
 
 _FEATURE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
 
@@ -33,6 +33,19 @@ class LlavaOnevisionFamily(ModelFamily):
         vision = model.config.vision_config
         side = math.ceil(vision.image_size // vision.patch_size / 2)
         return side, side
+
+    def video_layout(
+        self, model: nn.Module, frames: int, *, image_size: int | None = None, timestamp_tokens: int = 0
+    ) -> VideoLayout:
+        size = model.config.vision_config.image_size
+        if image_size not in (None, size):
+            raise ValueError(f"LLaVA-OneVision encodes frames at its fixed {size} px; drop --image-size.")
+        return VideoLayout(frames, "frames", self.video_grid(model), 1, 0, None)
+
+    def encode_meta_video(self, model: nn.Module, layout: VideoLayout) -> None:
+        vision = model.config.vision_config
+        size = vision.image_size
+        surface.video_features(model, torch.empty(1, layout.units, vision.num_channels, size, size, device="meta"))
 
     def prepare(self, model: nn.Module, config: SlowFastConfig, inputs: dict[str, Any]) -> PreparedInputs:
         inputs = dict(inputs)

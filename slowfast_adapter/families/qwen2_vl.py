@@ -18,13 +18,46 @@ from .. import surface
 from ..config import SlowFastConfig
 from ..pooling import FastPlan, plan_fast_frames, pool_fast_frames
 from ..sequence import placeholder_item_rows, placeholder_keep_mask
-from .base import ModelFamily, PreparedInputs, finish_prepare, pop_input_ids
+from .base import ModelFamily, PreparedInputs, VideoLayout, finish_prepare, pop_input_ids
 
 
 class Qwen2VLFamily(ModelFamily):
     name = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
     projector_modules = ("model.visual.merger",)
+
+    default_image_size = 448  # px, the frame size FLOP reports assume unless told
+    vision_cost_per_unit = True  # the tower attends within each temporal group
+
+    def text_tokens_per_group(self, timestamp_tokens: int) -> int:
+        """Text the processor writes per temporal group (none for Qwen2-VL and Qwen2.5-VL)."""
+        return 0
+
+    def video_layout(
+        self, model: nn.Module, frames: int, *, image_size: int | None = None, timestamp_tokens: int = 0
+    ) -> VideoLayout:
+        vision = model.config.vision_config
+        image_size = image_size or self.default_image_size
+        step = vision.patch_size * vision.spatial_merge_size
+        if image_size % step or frames % vision.temporal_patch_size:
+            raise ValueError(
+                f"{self.name}: the image size must be a multiple of {step} px (got {image_size}) and the "
+                f"frame count a multiple of {vision.temporal_patch_size} (got {frames})."
+            )
+        side = image_size // step
+        units = frames // vision.temporal_patch_size
+        return VideoLayout(
+            units, "temporal groups", (side, side), 0, self.text_tokens_per_group(timestamp_tokens), image_size
+        )
+
+    def encode_meta_video(self, model: nn.Module, layout: VideoLayout) -> None:
+        vision = model.config.vision_config
+        merge = vision.spatial_merge_size
+        height, width = layout.grid[0] * merge, layout.grid[1] * merge  # in patches
+        channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
+        patch_dim = channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.empty(layout.units * height * width, patch_dim, device="meta")
+        surface.video_features(model, pixels, torch.tensor([[layout.units, height, width]]))
 
     def prepare(self, model: nn.Module, config: SlowFastConfig, inputs: dict[str, Any]) -> PreparedInputs:
         inputs = dict(inputs)

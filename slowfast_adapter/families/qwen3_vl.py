@@ -24,6 +24,10 @@ class Qwen3VLFamily(Qwen2VLFamily):
     # The main merger; the deepstack mergers (a ModuleList feeding the first LLM layers) stay frozen.
     projector_modules = ("model.visual.merger",)
 
+    def text_tokens_per_group(self, timestamp_tokens: int) -> int:
+        """`<t seconds>` (`timestamp_tokens` long), `<|vision_start|>` and `<|vision_end|>` per group."""
+        return timestamp_tokens + 2
+
     def pool_extra_video_features(self, output: Any, grids: torch.Tensor, plans: list[FastPlan], merge: int) -> None:
         deepstack = surface.deepstack_features(output)
         output.deepstack_features = [pool_videos(layer, grids, plans, merge) for layer in deepstack]

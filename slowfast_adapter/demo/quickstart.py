@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import SlowFastConfig
-from .model import SlowFastModel, wrap
-from .tiny import save_tiny_llava_onevision, write_mp4
-from .video import read_video
+from ..config import SlowFastConfig
+from ..model import SlowFastModel, wrap
+from ..tiny import save_tiny_llava_onevision, write_mp4
+from ..training.video import read_video
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
 QUESTION = "What color is the square?"

@@ -1,6 +1,6 @@
 """A tiny offline training set for `recipes/tiny_cpu.yaml`: a tiny base model, mp4 videos and a JSONL file.
 
-    python -m slowfast_adapter.tiny_data tiny-data [--family llava_onevision] [--videos 8]
+    python -m slowfast_adapter.demo.tiny_data tiny-data [--family llava_onevision] [--videos 8]
 
 writes `tiny-data/base/` (model + processor), `tiny-data/videos/*.mp4` (a coloured square moving over
 noise; videos have different lengths) and `tiny-data/train.jsonl` in the LLaVA-Video-178K format
@@ -14,8 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from ..tiny import save_tiny, write_mp4
 from .quickstart import square_video
-from .tiny import save_tiny, write_mp4
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 200, 60), "yellow": (230, 220, 40)}
 

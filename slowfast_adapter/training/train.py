@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..model import SlowFastModel, wrap
 from .data import ConversationCollator, ConversationDataset
-from .model import SlowFastModel, wrap
 from .recipe import Recipe
 
 logger = logging.getLogger(__name__)

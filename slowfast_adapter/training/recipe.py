@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import SlowFastConfig
+from ..config import SlowFastConfig
 
 
 @dataclass
