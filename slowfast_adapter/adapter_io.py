@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,10 @@ from .files import (
     AdapterError,
     atomic_write,
     atomic_write_text,
+    file_mode,
+    remove_stale_temporaries,
+    sha256,
+    temporary_dir,
 )
 from .version import __version__
 
@@ -47,6 +50,7 @@ __all__ = ["CONFIG_NAME", "DEFAULT_ADAPTER", "README_NAME", "WEIGHTS_NAME", "Ada
 
 FORMAT_VERSION = 2  # 2: optional lora/ subfolder and projector tensors; 1 (read too): slow branches only
 READABLE_FORMAT_VERSIONS = (1, 2)
+CHECKSUMMED = (WEIGHTS_NAME, f"{LORA_SUBFOLDER}/{WEIGHTS_NAME}", f"{LORA_SUBFOLDER}/{CONFIG_NAME}")
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 
 
@@ -98,6 +102,8 @@ def write_adapter(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for folder in (directory, directory / LORA_SUBFOLDER):
+        remove_stale_temporaries(folder)  # what killed saves left behind
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     counts = {"slowfast": sum(v.numel() for k, v in tensors.items() if k.startswith("slow_branches."))}
@@ -122,6 +128,8 @@ def write_adapter(
         "projector_modules": projector_modules,
         "lora": LORA_SUBFOLDER if lora is not None else None,
         "num_parameters": counts,
+        # sha256 of every file the loader reads besides this one: altered bytes are refused by name.
+        "checksums": {name: sha256(directory / name) for name in CHECKSUMMED if (directory / name).is_file()},
     }
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     readme = directory / README_NAME
@@ -140,8 +148,9 @@ def _save_lora(
     config.revision = identity["revision"]
     config.inference_mode = True
     auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
-    with tempfile.TemporaryDirectory(prefix=".lora-config-", dir=directory) as tmp:
+    with temporary_dir(directory, "lora-config") as tmp:
         config.save_pretrained(tmp, auto_mapping_dict=auto_mapping)
+        os.chmod(Path(tmp) / CONFIG_NAME, file_mode())
         os.replace(Path(tmp) / CONFIG_NAME, directory / CONFIG_NAME)
 
 
@@ -221,6 +230,19 @@ class SavedAdapter:
     @property
     def lora_path(self) -> Path:
         return self.directory / LORA_SUBFOLDER
+
+    def verify_checksums(self) -> None:
+        """Refuse files whose bytes differ from the sha256 recorded at save time (folders saved before
+        checksums existed have none to check)."""
+        for name, expected in (self.meta.get("checksums") or {}).items():
+            path = self.directory / name
+            actual = sha256(path) if path.is_file() else None
+            if actual != expected:
+                state = "is missing" if actual is None else "does not match the sha256 recorded in " + CONFIG_NAME
+                raise AdapterError(
+                    f"{path} {state}: the file was altered or belongs to another save. Save the adapter again, or "
+                    "pass verify_checksums=False to load a folder you edited on purpose."
+                )
 
 
 def read_adapter(directory: str | os.PathLike) -> SavedAdapter:

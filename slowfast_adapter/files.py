@@ -1,8 +1,14 @@
-"""Names inside an adapter folder, its error type, and atomic file writes (shared by adapter_io and hub)."""
+"""Names inside an adapter folder, its error type, and atomic file writes (shared by adapter_io and hub).
+
+Temporary files carry the writer's process id (`.<name>.<pid>.<random>.tmp`), so a later save can remove
+what a killed one left behind without touching another live writer's files.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,12 +24,24 @@ class AdapterError(ValueError):
     """An adapter folder that cannot be loaded onto this base model, with the reason and the fix."""
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file under the current umask (mkstemp's is 0600)."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through `write(tmp_path)` to a temporary file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -32,3 +50,39 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def temporary_dir(parent: Path, name: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder in `parent` named like the temporary files (so stale ones get cleaned)."""
+    return tempfile.TemporaryDirectory(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove temporary files and folders in `directory` left by writers that no longer run; returns them."""
+    removed = []
+    for path in directory.glob(".*.tmp") if directory.is_dir() else ():
+        parts = path.name.split(".")  # ['', name..., pid, random, 'tmp']
+        pid = parts[-3] if len(parts) >= 5 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

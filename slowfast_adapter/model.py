@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 
+_WRAPPED_MARK = "_slowfast_adapter_wrapped"
+"""Set on a base model's __dict__ while a SlowFastModel wraps it (removed by `unwrap`)."""
+
+
 class SlowFastModel(nn.Module):
     """Wraps a base model: frozen base, trainable slow-fast parameters in named adapters.
 
@@ -63,6 +67,14 @@ class SlowFastModel(nn.Module):
     def _setup(self, base_model: nn.Module, adapter_name: str) -> None:
         self.family: ModelFamily = family_for(base_model)
         surface.check_model(base_model)
+        if getattr(base_model, _WRAPPED_MARK, False):
+            raise TypeError(
+                f"This {type(base_model).__name__} is already wrapped by a SlowFastModel: two wrappers on one base "
+                "would corrupt each other (hooks, LoRA, grad flags). Add another adapter to the existing wrapper "
+                "(`model.add_adapter(name, config)` or `model.load_adapter(path, name)`, then `model.set_adapter`), "
+                "or `model.unwrap()` it first."
+            )
+        base_model.__dict__[_WRAPPED_MARK] = True
         self.base_model = base_model
         self.slowfast_adapters = nn.ModuleDict()
         self.slowfast_configs: dict[str, SlowFastConfig] = {}
@@ -247,11 +259,13 @@ class SlowFastModel(nn.Module):
         is_trainable: bool = False,
         token: str | None = None,
         subfolder: str | None = None,
+        verify_checksums: bool = True,
     ) -> None:
         """Load a saved adapter (local folder or Hub repo) as `adapter_name`, beside the others (not activated).
 
         Refuses, with `AdapterError`, anything that does not match this base exactly; nothing changes then.
-        `is_trainable=False` (PEFT's default) loads it frozen, for inference.
+        `is_trainable=False` (PEFT's default) loads it frozen, for inference. `verify_checksums=False` skips the
+        sha256 check of the files (for a folder edited on purpose).
         """
         self._check_wrapped()
         self._check_new_name(adapter_name)
@@ -261,14 +275,15 @@ class SlowFastModel(nn.Module):
         except ValueError as err:  # e.g. the saved LoRA targets do not exist in this base
             raise AdapterError(f"The adapter in {saved.directory} does not fit this base model: {err}") from err
         try:
-            self._load_tensors(adapter_name, saved)
+            self._load_tensors(adapter_name, saved, verify_checksums=verify_checksums)
         except BaseException:
             self._drop_adapter(adapter_name)
             raise
         self.set_adapter_trainable(adapter_name, is_trainable)
 
-    def _load_tensors(self, adapter_name: str, saved: adapter_io.SavedAdapter) -> None:
-        """Copy a saved adapter's tensors into the (new) adapter `adapter_name`, checking keys and shapes."""
+    def _load_tensors(self, adapter_name: str, saved: adapter_io.SavedAdapter, *, verify_checksums: bool) -> None:
+        """Copy a saved adapter's tensors into the (new) adapter `adapter_name`, checking keys and shapes, then
+        (with `verify_checksums`) the files' sha256 against those recorded at save time."""
         if saved.lora_config is not None:  # LoRA rebuilt from the config's lora_* fields must be the saved one
             built = self.lora_configs.get(adapter_name)
             fields = ("r", "lora_alpha", "lora_dropout", "target_modules")
@@ -278,9 +293,13 @@ class SlowFastModel(nn.Module):
                     f"{saved.directory / adapter_io.CONFIG_NAME}'s slowfast_config gives on this base; the folder "
                     "mixes two saves or was edited."
                 )
-        adapter_io.copy_checked(self.adapter_state_dict(adapter_name), saved.tensors, saved.weights_path)
+        adapter_io.check_keys_and_shapes(self.adapter_state_dict(adapter_name), saved.tensors, saved.weights_path)
         if saved.lora_tensors is not None:
             adapter_io.check_keys_and_shapes(self.lora_state_dict(adapter_name), saved.lora_tensors, saved.lora_path)
+        if verify_checksums:
+            saved.verify_checksums()
+        adapter_io.copy_checked(self.adapter_state_dict(adapter_name), saved.tensors, saved.weights_path)
+        if saved.lora_tensors is not None:
             lora.load_state_dict(self.base_model, saved.lora_tensors, adapter_name)
             loaded = self.lora_state_dict(adapter_name)
             if not all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in saved.lora_tensors.items()):
@@ -417,6 +436,7 @@ class SlowFastModel(nn.Module):
         """
         self._check_wrapped()
         self._remove_hooks()
+        self.base_model.__dict__.pop(_WRAPPED_MARK, None)
         lora.unload(self.base_model)
         for name, param in self.base_model.named_parameters():
             param.requires_grad_(self._base_requires_grad.get(name, param.requires_grad))
@@ -469,6 +489,7 @@ class SlowFastModel(nn.Module):
         is_trainable: bool = False,
         token: str | None = None,
         subfolder: str | None = None,
+        verify_checksums: bool = True,
     ) -> SlowFastModel:
         """Wrap `base_model` with a saved adapter, from a local folder or a Hub repo id (`revision`: Hub only).
 
@@ -483,7 +504,7 @@ class SlowFastModel(nn.Module):
         except ValueError as err:  # e.g. the saved LoRA targets do not exist in this base
             raise AdapterError(f"The adapter in {saved.directory} does not fit this base model: {err}") from err
         try:
-            model._load_tensors(adapter_name, saved)
+            model._load_tensors(adapter_name, saved, verify_checksums=verify_checksums)
         except BaseException:
             model.unwrap()
             raise
