@@ -19,9 +19,10 @@ from ..config import SlowFastConfig
 from ..model import SlowFastModel, wrap
 from ..tiny import save_tiny_llava_onevision, write_mp4
 from ..training.video import read_video
+from .needle_data import COLORS as NEEDLE_COLORS
+from .needle_data import QUESTION
 
-COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
-QUESTION = "What color is the square?"
+COLORS = {name: NEEDLE_COLORS[name] for name in ("red", "blue")}  # two videos, one per colour
 
 
 @dataclass

@@ -15,9 +15,8 @@ import os
 from pathlib import Path
 
 from ..tiny import save_tiny, write_mp4
+from .needle_data import COLORS
 from .quickstart import square_video
-
-COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 200, 60), "yellow": (230, 220, 40)}
 
 
 def write_tiny_training_data(

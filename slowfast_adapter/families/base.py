@@ -11,7 +11,7 @@ from torch import nn
 from .. import surface
 from ..config import SlowFastConfig
 from ..hybrid import apply_rope, default_query_states
-from ..sequence import fit_sequence
+from ..sequence import fit_sequence, placeholder_item_rows
 from ..state import SlowTokens
 
 
@@ -114,6 +114,27 @@ def pop_input_ids(inputs: dict[str, Any]) -> torch.Tensor:
             "positions are recomputed for it. Drop position_ids."
         )
     return input_ids
+
+
+def add_images(
+    image_output: Any,
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    config: SlowFastConfig,
+    mm_outputs: dict[str, Any],
+    slow_items: list[tuple[int, torch.Tensor]],
+) -> None:
+    """Images keep their native tokens in the sequence (`mm_outputs["image"]`) and, with
+    `config.image_slow_tokens`, also offer them as slow tokens of their sample.
+
+    image_output: the family's `get_image_features` output; its `pooler_output` holds each image's [N_i, D].
+    """
+    images = list(image_output.pooler_output)
+    lengths = torch.tensor([image.shape[0] for image in images])
+    rows = placeholder_item_rows(input_ids, image_token_id, lengths, what="image")
+    mm_outputs["image"] = image_output
+    if config.image_slow_tokens:
+        slow_items += [(int(row), image) for row, image in zip(rows, images, strict=True)]
 
 
 def finish_prepare(

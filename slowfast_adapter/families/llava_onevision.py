@@ -18,7 +18,7 @@ from .. import surface
 from ..config import SlowFastConfig
 from ..pooling import plan_fast_frames, pool_fast_frames
 from ..sequence import mask_positions, placeholder_item_rows, placeholder_keep_mask
-from .base import ModelFamily, PreparedInputs, VideoLayout, finish_prepare, pop_input_ids
+from .base import ModelFamily, PreparedInputs, VideoLayout, add_images, finish_prepare, pop_input_ids
 
 _FEATURE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
 
@@ -86,12 +86,7 @@ class LlavaOnevisionFamily(ModelFamily):
                 batch_num_images=inputs.pop("batch_num_images", None),
                 **feature_kwargs,
             )
-            images = list(image_output.pooler_output)  # native tokens of each image, [N_i, D]
-            lengths = torch.tensor([image.shape[0] for image in images])
-            rows = placeholder_item_rows(input_ids, image_id, lengths, what="image")
-            mm_outputs["image"] = image_output
-            if config.image_slow_tokens:
-                slow_items += [(int(row), image) for row, image in zip(rows, images, strict=True)]
+            add_images(image_output, input_ids, image_id, config, mm_outputs, slow_items)
 
         prepared = finish_prepare(
             model, inputs, input_ids, keep, mm_outputs, slow_items, visual_token_ids=(video_id, image_id)

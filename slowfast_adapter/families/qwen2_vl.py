@@ -18,7 +18,7 @@ from .. import surface
 from ..config import SlowFastConfig
 from ..pooling import FastPlan, plan_fast_frames, pool_fast_frames
 from ..sequence import placeholder_item_rows, placeholder_keep_mask
-from .base import ModelFamily, PreparedInputs, VideoLayout, finish_prepare, pop_input_ids
+from .base import ModelFamily, PreparedInputs, VideoLayout, add_images, finish_prepare, pop_input_ids
 
 
 class Qwen2VLFamily(ModelFamily):
@@ -91,12 +91,7 @@ class Qwen2VLFamily(ModelFamily):
         pixel_values = inputs.pop("pixel_values", None)
         if pixel_values is not None:  # encoded here: the base forward refuses pixels next to encoder outputs
             output = surface.image_features(model, pixel_values, inputs["image_grid_thw"])
-            images = output.pooler_output
-            lengths = torch.tensor([image.shape[0] for image in images])
-            rows = placeholder_item_rows(input_ids, image_id, lengths, what="image")
-            mm_outputs["image"] = output
-            if config.image_slow_tokens:
-                slow_items += [(int(row), image) for row, image in zip(rows, images, strict=True)]
+            add_images(output, input_ids, image_id, config, mm_outputs, slow_items)
 
         # Positions stay with the base model: it computes M-RoPE from the fitted ids and pooled grids.
         return finish_prepare(
