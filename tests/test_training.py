@@ -122,6 +122,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny_data, tmp_path):
     assert not (killed_dir / "adapter").exists()
     done = json.loads((list_checkpoints(killed_dir)[-1] / "trainer_state.json").read_text())["global_step"]
     assert done < 10
+    with (killed_dir / "log.jsonl").open("a") as log:  # steps the killed run logged past its checkpoint
+        log.writelines(json.dumps({"step": step, "loss": -1.0}) + "\n" for step in range(done + 1, done + 4))
 
     resumed = _run(_train_cmd(tiny_data, killed_dir, *steps))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -133,6 +135,9 @@ def test_killed_run_resumes_to_the_same_weights(tiny_data, tmp_path):
     assert any(k.startswith("projector.") for k in expected)  # the trained projector copy is in the adapter
     losses = json.loads((tmp_path / "full/train_summary.json").read_text())["losses"]
     assert json.loads((killed_dir / "train_summary.json").read_text())["losses"] == losses
+    logged = [json.loads(line) for line in (killed_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 11))  # no step twice, none from the killed run's tail
+    assert [r["loss"] for r in logged] == [json.loads(line)["loss"] for line in (tmp_path / "full/log.jsonl").open()]
     assert len(list_checkpoints(killed_dir)) == 2  # save_total_limit
 
 

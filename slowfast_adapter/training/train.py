@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..files import atomic_write_text
 from ..model import SlowFastModel, wrap
 from .data import ConversationCollator, ConversationDataset
 from .recipe import Recipe
@@ -195,6 +196,16 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.glob("checkpoint-*") if (p / TRAINER_STATE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` in a JSONL log (the run continues from `step`)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def resolve_resume(recipe: Recipe) -> Path | None:
@@ -384,6 +395,7 @@ def train(recipe: Recipe, *, log=None) -> dict[str, Any]:
     log_path = output_dir / "log.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        truncate_log(log_path, state["global_step"])  # lines a killed run wrote past its last checkpoint
     params = [p for p in model.parameters() if p.requires_grad]
     tally = torch.zeros(4, dtype=torch.float64)  # loss sum, micro-batches, samples, tokens (this rank)
     window_start, stopped = time.perf_counter(), False
