@@ -329,13 +329,16 @@ def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def tensor_counts(path: Path) -> dict[str, int]:
     """Parameter count per key prefix (`slow_branches`, `projector`, ...) from the safetensors header only."""
     counts: dict[str, int] = {}
-    with safe_open(str(path), framework="pt") as handle:
-        for key in handle.keys():
-            numel = 1
-            for size in handle.get_slice(key).get_shape():
-                numel *= size
-            group = key.split(".", 1)[0]
-            counts[group] = counts.get(group, 0) + numel
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                numel = 1
+                for size in handle.get_slice(key).get_shape():
+                    numel *= size
+                group = key.split(".", 1)[0]
+                counts[group] = counts.get(group, 0) + numel
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{path} is not a readable safetensors file ({err}); the adapter is corrupt.") from err
     return counts
 
 

@@ -12,22 +12,44 @@ from .configs import SHIPPED_CONFIGS
 from .version import __version__
 
 
+class CliError(Exception):
+    """A user mistake on the command line: printed as one line, exit status 2."""
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    if not Path(path).is_file():
+        raise CliError(f"{path} does not exist (give a YAML file).")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise CliError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(values, dict):
+        raise CliError(f"{path} must hold key: value pairs, not {type(values).__name__}.")
+    return values
+
+
+def _config(cls: type, values: dict, source: str):
+    """`cls(**values)` with unknown keys and wrong types reported by name."""
+    known = sorted(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise CliError(f"unknown keys {unknown} in {source}; known: {known}.")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise CliError(f"bad value in {source}: {err}") from err
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from .demo.quickstart import QuickstartConfig, run
 
-    values = {}
-    if args.recipe:
-        import yaml
-
-        values = yaml.safe_load(Path(args.recipe).read_text()) or {}
+    values = _read_yaml(args.recipe) if args.recipe else {}
     for key in ("output_dir", "steps", "num_frames", "seed"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
-    try:
-        config = QuickstartConfig(**values)
-    except TypeError as err:
-        raise SystemExit(f"slowfast-adapter quickstart: bad recipe {args.recipe}: {err}") from err
-    run(config)
+    run(_config(QuickstartConfig, values, args.recipe or "the arguments"))
     return 0
 
 
@@ -37,15 +59,14 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo.experiment import DemoConfig, run
     from .training.recipe import yaml_numbers
 
-    values = {}
-    if args.recipe:
-        values = yaml.safe_load(Path(args.recipe).read_text()) or {}
+    values = _read_yaml(args.recipe) if args.recipe else {}
     for item in args.overrides:
         key, _, value = item.partition("=")
         if not _ or key not in DemoConfig.__dataclass_fields__:
-            raise SystemExit(f"slowfast-adapter demo: bad override {item!r}; use key=value with a DemoConfig field.")
+            fields = sorted(DemoConfig.__dataclass_fields__)
+            raise CliError(f"bad override {item!r}; use key=value with a DemoConfig field: {fields}.")
         values[key] = yaml.safe_load(value)
-    run(DemoConfig(**yaml_numbers(values)))
+    run(_config(DemoConfig, yaml_numbers(values), args.recipe or "the overrides"))
     return 0
 
 
@@ -57,12 +78,31 @@ def _train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("slowfast_adapter").setLevel(logging.INFO)
+    _read_yaml(args.recipe)  # exists and parses
     try:
         recipe = Recipe.from_yaml(args.recipe, args.overrides)
     except (OSError, ValueError, TypeError) as err:
-        raise SystemExit(f"slowfast-adapter train: bad recipe {args.recipe}: {err}") from err
+        raise CliError(f"bad recipe {args.recipe}: {err}") from err
+    if not Path(recipe.data.train_file).is_file():
+        raise CliError(f"data.train_file {recipe.data.train_file} does not exist.")
+    _check_model_source(recipe.model.name_or_path)
     summary = train(recipe)
     return 3 if summary["stopped_early"] else 0
+
+
+def _check_model_source(name: str) -> None:
+    """A base model is a local folder or a Hub repo id (reachable unless HF_HUB_OFFLINE is set)."""
+    if Path(name).expanduser().is_dir():
+        return
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise CliError(f"model.name_or_path {name!r} is neither an existing folder nor a Hub repo id.") from None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise CliError(f"model.name_or_path {name!r} is not a local folder, and HF_HUB_OFFLINE is set (no Hub).")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -74,8 +114,7 @@ def _inspect(args: argparse.Namespace) -> int:
         else:
             print(inspect_summary(args.directory))
     except AdapterError as err:
-        print(f"slowfast-adapter inspect: {err}", file=sys.stderr)
-        return 1
+        raise CliError(str(err)) from err
     return 0
 
 
@@ -144,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo",
         help="The needle-in-a-haystack experiment: pretrain a tiny base, train the adapter, compare 4 settings.",
     )
-    demo.add_argument("--recipe", help="YAML file with DemoConfig fields (e.g. recipes/demo.yaml).")
+    demo.add_argument("--recipe", help="YAML file of DemoConfig fields, e.g. a line `adapter_steps: 200`.")
     demo.add_argument("overrides", nargs="*", help="DemoConfig overrides as key=value (e.g. adapter_steps=200).")
     demo.set_defaults(func=_demo)
 
@@ -172,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     flops.set_defaults(func=_flops)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CliError as err:
+        print(f"slowfast-adapter {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

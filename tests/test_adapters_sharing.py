@@ -170,7 +170,7 @@ def test_inspect_prints_a_readable_summary(two_adapters, capsys):
     assert f"base model:   {base['name_or_path']} ({base['architecture']})" in out
     projector = family_by_name(base["fingerprint"]["family"]).projector_modules[0]
     assert "LoRA:         lora/ (PEFT format): r=4" in out and f"projector:    {projector}" in out
-    assert cli(["inspect", str(folder_a / "nothing")]) == 1
+    assert cli(["inspect", str(folder_a / "nothing")]) == 2  # user mistakes exit with status 2
     assert "is not a slowfast-adapter folder" in capsys.readouterr().err
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,10 @@ class Recipe:
     train: TrainArgs = field(default_factory=TrainArgs)
 
     def slowfast_config(self) -> SlowFastConfig:
+        known = {f.name for f in fields(SlowFastConfig)}
+        unknown = sorted(set(self.slowfast) - known)
+        if unknown:
+            raise ValueError(f"Unknown keys in recipe section 'slowfast': {unknown}. Known: {sorted(known)}.")
         return SlowFastConfig(**self.slowfast)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,17 +151,43 @@ def yaml_numbers(value: Any) -> Any:
     return value
 
 
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether `value` (parsed from YAML) fits a field's type hint (int, float, str, bool, dict, tuple, unions)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is Any:
+        return True
+    return isinstance(value, origin or annotation) or (origin is tuple and isinstance(value, list))
+
+
 def _section(cls: type, values: dict[str, Any] | None, name: str) -> Any:
     values = dict(values or {})
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"Unknown keys in recipe section '{name}': {unknown}. Known: {sorted(known)}.")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if not _accepts(hints[key], value):
+            raise ValueError(f"{name}.{key} must be {_describe(hints[key])}, got {value!r}.")
     if "learning_rate" in values and isinstance(values["learning_rate"], dict):
         values["learning_rate"] = {**TrainArgs().learning_rate, **values["learning_rate"]}
     if "adam_betas" in values:
         values["adam_betas"] = tuple(values["adam_betas"])
     return cls(**values)
+
+
+def _describe(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
