@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,7 @@ from .files import (
     atomic_write,
     atomic_write_text,
     file_mode,
+    process_alive,
     remove_stale_temporaries,
     sha256,
     temporary_dir,
@@ -50,6 +53,8 @@ __all__ = ["CONFIG_NAME", "DEFAULT_ADAPTER", "README_NAME", "WEIGHTS_NAME", "Ada
 
 FORMAT_VERSION = 2  # 2: optional lora/ subfolder and projector tensors; 1 (read too): slow branches only
 READABLE_FORMAT_VERSIONS = (1, 2)
+_STAGING_PREFIX = ".save."
+_COMMIT_NAME = "COMMITTED.json"
 CHECKSUMMED = (WEIGHTS_NAME, f"{LORA_SUBFOLDER}/{WEIGHTS_NAME}", f"{LORA_SUBFOLDER}/{CONFIG_NAME}")
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 
@@ -96,14 +101,83 @@ def write_adapter(
     projector_modules: list[str] | None,
     lora: SavedLora | None,
 ) -> None:
-    """Write one adapter folder (see the module docstring); adapter_config.json is written last.
+    """Write one adapter folder (see the module docstring), atomically as a whole.
+
+    All files are written into a staging folder inside `directory`; a commit file written last inside it is the
+    commit point; then the files are moved into place (`_roll_forward`). A save killed before the commit point
+    leaves the old adapter; one killed after it is completed by the next reader or writer (`recover`). Either
+    way the folder loads as the old adapter or the new one, never a mix.
 
     tensors: `slow_branches.<layer>.<param>` (+ `projector.<path>.<param>`); identity: `base_identity(base)`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    recover(directory)
     for folder in (directory, directory / LORA_SUBFOLDER):
         remove_stale_temporaries(folder)  # what killed saves left behind
+    readme = directory / README_NAME
+    write_card = not readme.exists() or model_card.is_generated(readme.read_text(errors="replace"))  # not a user's
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}.", suffix=".tmp", dir=directory))
+    try:
+        _write_files(staging, tensors=tensors, identity=identity, config=config, hybrid_layers=hybrid_layers,
+                     projector_modules=projector_modules, lora=lora, write_card=write_card)  # fmt: skip
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        remove = [name for name in (f"{LORA_SUBFOLDER}/{CONFIG_NAME}", f"{LORA_SUBFOLDER}/{WEIGHTS_NAME}")
+                  if name not in files]  # fmt: skip
+        atomic_write_text(staging / _COMMIT_NAME, json.dumps({"files": files, "remove": remove}))  # commit point
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _roll_forward(directory, staging)
+
+
+def recover(directory: Path) -> None:
+    """Finish or undo saves into `directory` that were killed (staging folders of processes no longer running)."""
+    for staging in sorted(directory.glob(f"{_STAGING_PREFIX}*.tmp")) if directory.is_dir() else ():
+        pid = staging.name[len(_STAGING_PREFIX) :].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
+            continue  # another process is saving right now
+        try:
+            if (staging / _COMMIT_NAME).is_file():
+                _roll_forward(directory, staging)  # committed: complete it
+            else:
+                shutil.rmtree(staging)  # not committed: the old adapter stays
+        except PermissionError as err:
+            raise AdapterError(
+                f"{directory} holds an interrupted save ({staging.name}) that cannot be completed here ({err}); "
+                "make the folder writable once, or save the adapter again."
+            ) from err
+
+
+def _roll_forward(directory: Path, staging: Path) -> None:
+    """Move a committed staging folder's files into place (config last), drop the files it removes."""
+    manifest = json.loads((staging / _COMMIT_NAME).read_text())
+    names = sorted(manifest["files"], key=lambda name: name == CONFIG_NAME)
+    for name in names:
+        source = staging / name
+        if source.is_file():  # a previous roll-forward may have moved it already
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, directory / name)
+    for name in manifest["remove"]:
+        (directory / name).unlink(missing_ok=True)
+    lora_dir = directory / LORA_SUBFOLDER
+    if lora_dir.is_dir() and not any(lora_dir.iterdir()):
+        lora_dir.rmdir()
+    shutil.rmtree(staging)
+
+
+def _write_files(
+    directory: Path,
+    *,
+    tensors: dict[str, torch.Tensor],
+    identity: dict[str, Any],
+    config: SlowFastConfig,
+    hybrid_layers: list[int],
+    projector_modules: list[str] | None,
+    lora: SavedLora | None,
+    write_card: bool,
+) -> None:
+    """Every file of one adapter into an empty `directory` (the staging folder)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     counts = {"slowfast": sum(v.numel() for k, v in tensors.items() if k.startswith("slow_branches."))}
@@ -115,7 +189,6 @@ def write_adapter(
         _save_lora(lora_dir, lora.config, lora_tensors, identity, lora.base_class)
     else:
         counts["lora"] = 0
-        _remove_stale_lora(lora_dir)
     meta = {
         "format_version": FORMAT_VERSION,
         "library_name": "slowfast-adapter",
@@ -132,9 +205,8 @@ def write_adapter(
         "checksums": {name: sha256(directory / name) for name in CHECKSUMMED if (directory / name).is_file()},
     }
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    readme = directory / README_NAME
-    if not readme.exists() or model_card.is_generated(readme.read_text(errors="replace")):  # never a user's card
-        atomic_write_text(readme, model_card.render(meta))
+    if write_card:
+        atomic_write_text(directory / README_NAME, model_card.render(meta))
 
 
 def _save_lora(
@@ -154,16 +226,9 @@ def _save_lora(
         os.replace(Path(tmp) / CONFIG_NAME, directory / CONFIG_NAME)
 
 
-def _remove_stale_lora(directory: Path) -> None:
-    """An adapter re-saved without LoRA: drop the LoRA files an earlier save left (they no longer apply)."""
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        (directory / name).unlink(missing_ok=True)
-    if directory.is_dir() and not any(directory.iterdir()):
-        directory.rmdir()
-
-
 # ----------------------------------------------------------------------------------------------- load
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    recover(Path(directory))  # complete or undo a save that was killed
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{path} does not exist: {directory} is not a slowfast-adapter folder.")

@@ -57,7 +57,8 @@ def temporary_dir(parent: Path, name: str) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=parent)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -73,7 +74,9 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     for path in directory.glob(".*.tmp") if directory.is_dir() else ():
         parts = path.name.split(".")  # ['', name..., pid, random, 'tmp']
         pid = parts[-3] if len(parts) >= 5 else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if path.name.startswith(".save."):  # a whole-folder save: `adapter_io.recover` decides what to do
+            continue
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(path)
     return removed

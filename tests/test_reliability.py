@@ -96,3 +96,63 @@ def test_wrapping_the_same_base_twice_is_refused_and_unwrap_allows_it_again(base
         assert torch.equal(model(**inputs).logits, model.unwrap()(**inputs).logits)
     again = sfa.wrap(base, CONFIG)  # after unwrap, the base can be wrapped again
     assert again.base_model is base
+
+
+def _state(folder) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / WEIGHTS_NAME)
+    lora_file = folder / LORA_SUBFOLDER / WEIGHTS_NAME
+    return {**tensors, **({f"lora.{k}": v for k, v in load_file(lora_file).items()} if lora_file.exists() else {})}
+
+
+@pytest.mark.parametrize("family", ["llava_onevision"], indirect=True)
+def test_a_save_killed_at_any_rename_leaves_the_old_or_the_new_adapter(tiny_dir, tmp_path):
+    """Re-save a different adapter (no LoRA instead of LoRA) into a folder, SIGKILL the writer at its k-th
+    rename for every k: the folder then loads as exactly the old or exactly the new adapter, and no temporary
+    file is left after the next load."""
+    import multiprocessing
+    import signal
+
+    fresh = lambda: AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()  # noqa: E731
+    old_model = sfa.wrap(fresh(), CONFIG)
+    open_gates(old_model)
+    new_model = sfa.wrap(fresh(), sfa.SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=1))
+    reference = tmp_path / "reference"
+    old_model.save_pretrained(reference / "old")
+    new_model.save_pretrained(reference / "new")
+    old, new = _state(reference / "old"), _state(reference / "new")
+
+    def save_and_die(folder, kill_at: int) -> None:
+        calls = [0]
+        real_replace = os.replace
+
+        def replace(src, dst):
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(src, dst)
+
+        os.replace = replace
+        new_model.save_pretrained(folder)
+        os._exit(0)
+
+    outcomes = []
+    context = multiprocessing.get_context("fork")
+    for kill_at in range(1, 20):
+        folder = tmp_path / f"kill-{kill_at}"
+        old_model.save_pretrained(folder)
+        child = context.Process(target=save_and_die, args=(folder, kill_at))
+        child.start()
+        child.join()
+        loaded = sfa.SlowFastModel.from_pretrained(fresh(), folder)  # recovers, then verifies checksums
+        state = _state(folder)
+        same_as = [name for name, ref in (("old", old), ("new", new)) if state.keys() == ref.keys()
+                   and all(torch.equal(state[k], ref[k]) for k in ref)]  # fmt: skip
+        assert len(same_as) == 1, (kill_at, sorted(state))
+        assert (loaded.slowfast_config.lora_r > 0) == (same_as == ["old"])
+        assert not list(folder.rglob("*.tmp")), (kill_at, list(folder.rglob("*.tmp")))
+        outcomes.append(same_as[0])
+        if child.exitcode == 0:  # the save finished before its k-th rename: every later k does too
+            break
+    assert "old" in outcomes and outcomes[-1] == "new", outcomes
