@@ -8,6 +8,8 @@ both to a folder so that the real `from_pretrained` code paths can be exercised.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -289,8 +291,19 @@ def random_video(num_frames: int, size: int = 32, *, seed: int = 0) -> np.ndarra
     return rng.integers(0, 256, size=(num_frames, size, size, 3), dtype=np.uint8)
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
-    """Write `frames` (T, H, W, 3) uint8 to an H.264 mp4 with PyAV (H and W must be even)."""
+def write_mp4(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    fps: int = 8,
+    *,
+    times: Sequence[float] | None = None,
+    keyframe_interval: int | None = None,
+) -> Path:
+    """Write `frames` (T, H, W, 3) uint8 to an H.264 mp4 with PyAV (H and W must be even).
+
+    `times`: [T] increasing seconds at which each frame is shown (a variable frame rate, millisecond precision);
+    by default frame t is shown at t / fps. `keyframe_interval`: frames between key frames (x264's default 250).
+    """
     import av
 
     path = Path(path)
@@ -298,9 +311,14 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1], frames.shape[2]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "10"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+        stream.options = {"crf": "10", **({"g": str(keyframe_interval)} if keyframe_interval else {})}
+        if times is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for t, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            if times is not None:
+                video_frame.pts, video_frame.time_base = round(times[t] * 1000), Fraction(1, 1000)
+            for packet in stream.encode(video_frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
