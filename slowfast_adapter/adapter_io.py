@@ -64,7 +64,7 @@ def base_identity(model: nn.Module, projector_paths: tuple[str, ...] = ()) -> di
     config = model.config
     identity = {
         "architecture": type(model).__name__,
-        "name_or_path": getattr(config, "_name_or_path", "") or "",
+        "name_or_path": model_card.base_name(getattr(config, "_name_or_path", "") or ""),
         "revision": getattr(config, "_commit_hash", None),
         "fingerprint": family_for(model).fingerprint(model),
     }
@@ -436,6 +436,7 @@ def inspect_summary(directory: str | os.PathLike) -> str:
     lines.append(f"projector:    {', '.join(meta['projector_modules']) if meta.get('projector_modules') else 'base'}")
     if counts:
         lines.append(f"other tensors: {counts}")
-    lines.append("config:")
-    lines += [f"  {k}: {json.dumps(v)}" for k, v in sorted(meta["slowfast_config"].items())]
+    lines.append("config (fields that take effect):")
+    effective = SlowFastConfig.from_dict(meta["slowfast_config"]).effective_dict()
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in sorted(effective.items())]
     return "\n".join(lines)

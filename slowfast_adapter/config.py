@@ -168,6 +168,17 @@ class SlowFastConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def effective_dict(self) -> dict[str, Any]:
+        """`to_dict()` without the fields that have no effect: the layer interval/start when `hybrid_layers` is
+        given, the other `lora_*` fields when `lora_r` is 0 (for model cards and `inspect`)."""
+        values = self.to_dict()
+        unused = []
+        if self.hybrid_layers is not None:
+            unused += ["hybrid_layer_interval", "hybrid_layer_start"]
+        if not self.lora_r:
+            unused += ["lora_alpha", "lora_dropout", "lora_target_modules"]
+        return {k: v for k, v in values.items() if k not in unused}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SlowFastConfig:
         known = {f.name for f in fields(cls)}
