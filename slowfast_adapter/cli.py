@@ -162,10 +162,36 @@ def _flops_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",  # transformers' info/warning lines
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also turns off transformers' "Loading weights" bars
+}
+# Warnings that say nothing actionable in our commands (we set these up on purpose).
+QUIET_WARNINGS = (
+    r".*use_cache=True.*is incompatible with gradient checkpointing.*",
+    r".*find_unused_parameters=True.*",
+    r".*is_gradient_checkpointing.*deprecated.*",
+)
+
+
+def quiet(verbose: bool) -> None:
+    """Quiet by default: our own progress bars and results only; `--verbose` keeps every library message.
+    Environment variables (inherited by torchrun workers) are only set where the user has not set them."""
+    if verbose:
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    import warnings
+
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="slowfast-adapter", description=__doc__)
     parser.add_argument("--version", action="version", version=f"slowfast-adapter {__version__}")
+    parser.add_argument("--verbose", action="store_true", help="Show every library message and progress bar.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     quick = commands.add_parser(
@@ -211,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     flops.set_defaults(func=_flops)
 
     args = parser.parse_args(argv)
+    quiet(args.verbose)
     try:
         return args.func(args)
     except CliError as err:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from slowfast_adapter.cli import main
@@ -73,3 +75,21 @@ def test_inspect_on_a_corrupt_folder(capsys, tmp_path, tiny_dirs):
     model.save_pretrained(tmp_path / "adapter")
     (tmp_path / "adapter" / WEIGHTS_NAME).write_bytes(b"not safetensors")
     _fails(capsys, ["inspect", str(tmp_path / "adapter")], WEIGHTS_NAME, "not a readable safetensors file")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_quiet_by_default_verbose_brings_library_output_back(tiny_dirs, verbose):
+    """`quiet()` (what every command runs first) hides transformers' bars and info; `--verbose` keeps them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from slowfast_adapter.cli import quiet\n"
+        f"quiet({verbose})\n"
+        "from transformers import AutoModelForImageTextToText\n"
+        f"AutoModelForImageTextToText.from_pretrained({str(tiny_dirs('llava_onevision'))!r})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert ("Loading weights" in out.stderr) == verbose, out.stderr[-500:]

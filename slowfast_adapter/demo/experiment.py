@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import state
 from ..config import SlowFastConfig
@@ -167,7 +168,9 @@ def train(
     rng = np.random.default_rng(seed)
     losses, best, best_state = [], -1.0, None
     start = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"  {name}", leave=False, dynamic_ncols=True)  # one bar per phase, with an ETA
     for step in range(1, steps + 1):
+        bar.update(1)
         model.train()
         batch = task.training_batch(rng.choice(len(task), size=batch_size, replace=False).tolist())
         loss = model(**batch).loss
@@ -179,6 +182,7 @@ def train(
         losses.append(loss.item())
         if step % max(1, steps // 10) == 0 or step == steps:
             rate = step / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
             log(f"  {name} step {step:4d}/{steps}  loss {np.mean(losses[-20:]):.4f}  ({rate:.1f} steps/s)")
         if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps):
             score = evaluate()
@@ -189,6 +193,7 @@ def train(
             if stop_at is not None and score >= stop_at:
                 log(f"  {name}: validation accuracy reached {stop_at:.2f}, stopping")
                 break
+    bar.close()
     if best_state is not None:
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -223,7 +228,7 @@ def train_adapter(config: DemoConfig, base_dir: Path, slowfast: SlowFastConfig, 
     return model, processor, max(scores, default=float("nan"))
 
 
-def run(config: DemoConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(config: DemoConfig | None = None, log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
     config = config or DemoConfig()
     out = Path(config.output_dir)
     data = out / "data"

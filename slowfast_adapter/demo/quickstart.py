@@ -6,6 +6,7 @@ Runs in well under a minute on a laptop CPU and touches every public piece: the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -76,6 +77,14 @@ def _training_batch(processor, videos: dict[str, np.ndarray]) -> dict[str, torch
     return answer_batch(processor, prompt, [f"It is {color}." for color in videos], list(videos.values()))
 
 
+def readable(text: str, token_ids: list[int]) -> str:
+    """The answer for a log line: quoted text when printable, else the token ids (a tiny random base often
+    produces byte tokens that do not decode to readable text)."""
+    if text.isprintable() and "\ufffd" not in text:  # U+FFFD: bytes that did not decode
+        return repr(text)
+    return f"token ids {token_ids} (not printable text)"
+
+
 def run(config: QuickstartConfig | None = None, log=print) -> dict[str, Any]:
     """Run the quickstart; returns (and writes to `output_dir/summary.json`) what happened."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -125,15 +134,16 @@ def run(config: QuickstartConfig | None = None, log=print) -> dict[str, Any]:
     processor.tokenizer.padding_side = "left"
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    answers, fast_only_answers = {}, {}
+    answers, fast_only_answers, shown = {}, {}, {}
     for name, clip in videos.items():
         inputs = processor(text=[prompt], videos=[clip], return_tensors="pt")
-        output = reloaded.generate(**inputs, max_new_tokens=8, do_sample=False)
-        answers[name] = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        with reloaded.slow_path_disabled():  # the untrained base on fast tokens, for contrast
-            output = reloaded.generate(**inputs, max_new_tokens=8, do_sample=False)
-        fast_only_answers[name] = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        log(f"[6/6] {name} video, {QUESTION!r} -> {answers[name]!r} (slow path off: {fast_only_answers[name]!r})")
+        for target, disabled in ((answers, False), (fast_only_answers, True)):
+            with reloaded.slow_path_disabled() if disabled else contextlib.nullcontext():  # fast-only: for contrast
+                output = reloaded.generate(**inputs, max_new_tokens=8, do_sample=False)
+            new_ids = output[0, inputs["input_ids"].shape[1] :]
+            target[name] = processor.decode(new_ids, skip_special_tokens=True)
+            shown[name, disabled] = readable(target[name], new_ids.tolist())
+        log(f"[6/6] {name} video, {QUESTION!r} -> {shown[name, False]} (slow path off: {shown[name, True]})")
 
     summary = {
         "config": asdict(config),

@@ -461,7 +461,10 @@ def train(recipe: Recipe, *, log=None) -> dict[str, Any]:
                         f.write(json.dumps(record) + "\n")
                 step = state["global_step"]
                 if step % t.logging_steps == 0 and accelerator.is_main_process:
-                    tqdm.write(f"step {step}/{total_steps} loss {loss_value:.4f} lr {lrs}")
+                    rates = ", ".join(
+                        f"{group} {rate:.3g}" for group, rate in lrs.items() if not group.endswith("_no_decay")
+                    )
+                    tqdm.write(f"step {step}/{total_steps} loss {loss_value:.4f} lr {rates}")
                 stopped = bool(summed[4] > 0)
                 if step % t.save_steps == 0 or stopped or step == total_steps:
                     path = save_checkpoint()
