@@ -91,24 +91,28 @@ class SavedLora:
     base_class: type
 
 
-def write_adapter(
-    directory: str | os.PathLike,
-    *,
-    tensors: dict[str, torch.Tensor],
-    identity: dict[str, Any],
-    config: SlowFastConfig,
-    hybrid_layers: list[int],
-    projector_modules: list[str] | None,
-    lora: SavedLora | None,
-) -> None:
+@dataclass
+class AdapterContents:
+    """What one adapter folder holds, before it is written.
+
+    tensors: `slow_branches.<layer>.<param>` (+ `projector.<path>.<param>`); identity: `base_identity(base)`.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    identity: dict[str, Any]
+    config: SlowFastConfig
+    hybrid_layers: list[int]
+    projector_modules: list[str] | None
+    lora: SavedLora | None
+
+
+def write_adapter(directory: str | os.PathLike, contents: AdapterContents) -> None:
     """Write one adapter folder (see the module docstring), atomically as a whole.
 
     All files are written into a staging folder inside `directory`; a commit file written last inside it is the
     commit point; then the files are moved into place (`_roll_forward`). A save killed before the commit point
     leaves the old adapter; one killed after it is completed by the next reader or writer (`recover`). Either
     way the folder loads as the old adapter or the new one, never a mix.
-
-    tensors: `slow_branches.<layer>.<param>` (+ `projector.<path>.<param>`); identity: `base_identity(base)`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -119,8 +123,7 @@ def write_adapter(
     write_card = not readme.exists() or model_card.is_generated(readme.read_text(errors="replace"))  # not a user's
     staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}.", suffix=".tmp", dir=directory))
     try:
-        _write_files(staging, tensors=tensors, identity=identity, config=config, hybrid_layers=hybrid_layers,
-                     projector_modules=projector_modules, lora=lora, write_card=write_card)  # fmt: skip
+        _write_files(staging, contents, write_card=write_card)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         remove = [name for name in (f"{LORA_SUBFOLDER}/{CONFIG_NAME}", f"{LORA_SUBFOLDER}/{WEIGHTS_NAME}")
                   if name not in files]  # fmt: skip
@@ -166,19 +169,10 @@ def _roll_forward(directory: Path, staging: Path) -> None:
     shutil.rmtree(staging)
 
 
-def _write_files(
-    directory: Path,
-    *,
-    tensors: dict[str, torch.Tensor],
-    identity: dict[str, Any],
-    config: SlowFastConfig,
-    hybrid_layers: list[int],
-    projector_modules: list[str] | None,
-    lora: SavedLora | None,
-    write_card: bool,
-) -> None:
+def _write_files(directory: Path, contents: AdapterContents, *, write_card: bool) -> None:
     """Every file of one adapter into an empty `directory` (the staging folder)."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    identity, lora = contents.identity, contents.lora
+    tensors = {k: v.detach().contiguous().cpu() for k, v in contents.tensors.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     counts = {"slowfast": sum(v.numel() for k, v in tensors.items() if k.startswith("slow_branches."))}
     counts["projector"] = sum(v.numel() for k, v in tensors.items() if k.startswith("projector."))
@@ -196,9 +190,9 @@ def _write_files(
         "base_model_name_or_path": identity["name_or_path"],  # PEFT's names for the base, for Hub tooling
         "revision": identity["revision"],
         "base_model": identity,
-        "hybrid_layers": hybrid_layers,
-        "slowfast_config": config.to_dict(),
-        "projector_modules": projector_modules,
+        "hybrid_layers": contents.hybrid_layers,
+        "slowfast_config": contents.config.to_dict(),
+        "projector_modules": contents.projector_modules,
         "lora": LORA_SUBFOLDER if lora is not None else None,
         "num_parameters": counts,
         # sha256 of every file the loader reads besides this one: altered bytes are refused by name.

@@ -468,8 +468,7 @@ class SlowFastModel(nn.Module):
                 saved_lora = adapter_io.SavedLora(
                     self.lora_configs[name], self.lora_state_dict(name), type(self.base_model)
                 )
-            adapter_io.write_adapter(
-                folder,
+            contents = adapter_io.AdapterContents(
                 tensors=self.adapter_state_dict(name),
                 identity=adapter_io.base_identity(self.base_model, tuple(projectors or ())),
                 config=self.slowfast_configs[name],
@@ -477,6 +476,7 @@ class SlowFastModel(nn.Module):
                 projector_modules=projectors,
                 lora=saved_lora,
             )
+            adapter_io.write_adapter(folder, contents)
 
     @classmethod
     def from_pretrained(
