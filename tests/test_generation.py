@@ -145,3 +145,22 @@ def test_generate_without_cache_equals_generate_with_cache(base, processor):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # Without a cache every step runs the whole sequence: the prompt's query mask applies to its tokens again.
     assert contexts[0].stats["steps"] == STEPS
+
+
+@torch.no_grad()
+def test_chunked_prefill_equals_one_prefill(base, processor):
+    """transformers' `prefill_chunk_size` runs the prompt through the model in chunks: each chunk's position comes
+    from the cache it carries, so the chunks query exactly as one prefill would."""
+    model = sfa.wrap(base, _config("text_after_first_video"))
+    perturb_branches(model)
+    inputs = make_inputs(processor, SAMPLES[:1])
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)  # fmt: skip
+    whole = model.generate(**inputs, **kwargs)
+    with state.recording() as contexts:
+        chunked = model.generate(**inputs, prefill_chunk_size=16, **kwargs)
+    prompt_length = model.prepare_inputs(**inputs).input_ids.shape[1]
+    assert contexts[0].stats["steps"] == -(-prompt_length // 16) + 3  # the chunks, then 3 decode steps
+    assert torch.equal(chunked.sequences, whole.sequences)
+    for a, b in zip(chunked.logits, whole.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
