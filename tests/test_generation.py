@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from conftest import make_inputs, open_gates
 
 import slowfast_adapter as sfa
@@ -156,6 +157,14 @@ def test_chunked_prefill_equals_one_prefill(base, processor):
     inputs = make_inputs(processor, SAMPLES[:1])
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
                   return_dict_in_generate=True)  # fmt: skip
+    with model.disable_adapter():  # the bare base first: transformers 5.18 cannot chunk a prefill with video
+        try:
+            base_ok = torch.equal(model.generate(**inputs, prefill_chunk_size=16, **kwargs).sequences,
+                                  model.generate(**inputs, **kwargs).sequences)  # fmt: skip
+        except RuntimeError:
+            base_ok = False
+    if not base_ok:
+        pytest.skip(f"transformers {transformers.__version__}: the base model's own chunked prefill with video fails")
     whole = model.generate(**inputs, **kwargs)
     with state.recording() as contexts:
         chunked = model.generate(**inputs, prefill_chunk_size=16, **kwargs)
