@@ -34,6 +34,7 @@ from .files import (
     DEFAULT_ADAPTER,
     LORA_SUBFOLDER,
     README_NAME,
+    STAGING_PREFIX,
     WEIGHTS_NAME,
     AdapterError,
     atomic_write,
@@ -43,6 +44,7 @@ from .files import (
     remove_stale_temporaries,
     sha256,
     temporary_dir,
+    temporary_writer,
 )
 from .version import __version__
 
@@ -53,7 +55,6 @@ __all__ = ["CONFIG_NAME", "DEFAULT_ADAPTER", "README_NAME", "WEIGHTS_NAME", "Ada
 
 FORMAT_VERSION = 2  # 2: optional lora/ subfolder and projector tensors; 1 (read too): slow branches only
 READABLE_FORMAT_VERSIONS = (1, 2)
-_STAGING_PREFIX = ".save."
 _COMMIT_NAME = "COMMITTED.json"
 CHECKSUMMED = (WEIGHTS_NAME, f"{LORA_SUBFOLDER}/{WEIGHTS_NAME}", f"{LORA_SUBFOLDER}/{CONFIG_NAME}")
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
@@ -121,7 +122,7 @@ def write_adapter(directory: str | os.PathLike, contents: AdapterContents) -> No
         remove_stale_temporaries(folder)  # what killed saves left behind
     readme = directory / README_NAME
     write_card = not readme.exists() or model_card.is_generated(readme.read_text(errors="replace"))  # not a user's
-    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}.", suffix=".tmp", dir=directory))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}.", suffix=".tmp", dir=directory))
     try:
         _write_files(staging, contents, write_card=write_card)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
@@ -136,9 +137,9 @@ def write_adapter(directory: str | os.PathLike, contents: AdapterContents) -> No
 
 def recover(directory: Path) -> None:
     """Finish or undo saves into `directory` that were killed (staging folders of processes no longer running)."""
-    for staging in sorted(directory.glob(f"{_STAGING_PREFIX}*.tmp")) if directory.is_dir() else ():
-        pid = staging.name[len(_STAGING_PREFIX) :].split(".")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
+    for staging in sorted(directory.glob(f"{STAGING_PREFIX}*.tmp")) if directory.is_dir() else ():
+        pid = temporary_writer(staging)
+        if pid is not None and pid != os.getpid() and process_alive(pid):
             continue  # another process is saving right now
         try:
             if (staging / _COMMIT_NAME).is_file():
@@ -361,8 +362,8 @@ def check_keys_and_shapes(expected: dict[str, torch.Tensor], tensors: dict[str, 
         )
 
 
-def copy_checked(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
-    check_keys_and_shapes(targets, tensors, path)
+def copy_tensors(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `tensors` into `targets` by key (checked beforehand with `check_keys_and_shapes`)."""
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(tensors[key])

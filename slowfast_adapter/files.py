@@ -18,6 +18,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 README_NAME = "README.md"
 LORA_SUBFOLDER = "lora"  # where an adapter folder keeps its LoRA part, in PEFT's format
 DEFAULT_ADAPTER = "default"
+STAGING_PREFIX = ".save."  # a whole-folder save in progress: `.save.<pid>.<random>.tmp/` inside the folder
 
 
 class AdapterError(ValueError):
@@ -68,15 +69,21 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def temporary_writer(path: Path) -> int | None:
+    """The process id in a temporary's name (`.<name>.<pid>.<random>.tmp`), or None if it has none."""
+    parts = path.name.split(".")  # ['', name..., pid, random, 'tmp']
+    pid = parts[-3] if len(parts) >= 5 else ""
+    return int(pid) if pid.isdigit() else None
+
+
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Remove temporary files and folders in `directory` left by writers that no longer run; returns them."""
     removed = []
     for path in directory.glob(".*.tmp") if directory.is_dir() else ():
-        parts = path.name.split(".")  # ['', name..., pid, random, 'tmp']
-        pid = parts[-3] if len(parts) >= 5 else ""
-        if path.name.startswith(".save."):  # a whole-folder save: `adapter_io.recover` decides what to do
+        if path.name.startswith(STAGING_PREFIX):  # a whole-folder save: `adapter_io.recover` decides what to do
             continue
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+        pid = temporary_writer(path)
+        if pid is not None and pid != os.getpid() and not process_alive(pid):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(path)
     return removed

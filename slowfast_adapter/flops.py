@@ -114,13 +114,21 @@ class VideoTokens:
     """How a video of `frames` frames enters the model (one column of the report)."""
 
     frames: int
-    units: int  # frames (LLaVA) or temporal groups of frames (Qwen) the vision tower encodes
+    layout: VideoLayout  # the family's layout of this video: units, their token grid, extra tokens
     fast_units: int  # units after temporal sampling + pooling (= units for the base model)
-    grid: tuple[int, int]  # native video tokens per unit (h, w) after the base's own pooling / merging
     visual_tokens: int  # video placeholder tokens in the LLM sequence
     structure_tokens: int  # non-visual tokens the video adds to the sequence (Qwen3-VL timestamps)
     slow_tokens: int  # 0 for the base model
-    layout: VideoLayout  # the family's layout of this video
+
+    @property
+    def units(self) -> int:
+        """Frames (LLaVA) or temporal groups of frames (Qwen) the vision tower encodes."""
+        return self.layout.units
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Native video tokens per unit (h, w) after the base's own pooling / merging."""
+        return self.layout.grid
 
 
 def video_tokens(
@@ -137,13 +145,13 @@ def video_tokens(
     )
     units, grid = layout.units, layout.grid
     native = units * grid[0] * grid[1]
-    if slowfast is None:
-        return VideoTokens(frames, units, units, grid, native + layout.newline_tokens,
-                           units * layout.text_tokens_per_unit, 0, layout)  # fmt: skip
-    plan = plan_fast_frames(units, slowfast, unit=layout.unit_name)
-    fast_units, fast = plan.num_fast_frames, plan.num_fast_tokens(*grid)
-    return VideoTokens(frames, units, fast_units, grid, fast + layout.newline_tokens,
-                       fast_units * layout.text_tokens_per_unit, native, layout)  # fmt: skip
+    if slowfast is None:  # the base model: every unit at its native tokens, no slow tokens
+        fast_units, fast, slow = units, native, 0
+    else:
+        plan = plan_fast_frames(units, slowfast, unit=layout.unit_name)
+        fast_units, fast, slow = plan.num_fast_frames, plan.num_fast_tokens(*grid), native
+    text_per_unit = layout.text_tokens_per_unit
+    return VideoTokens(frames, layout, fast_units, fast + layout.newline_tokens, fast_units * text_per_unit, slow)
 
 
 # ------------------------------------------------------------------------------------------ counting
@@ -157,7 +165,7 @@ def count_vision(model: nn.Module, tokens: VideoTokens, *, direct: bool = False)
     """
     family = family_for(model)
     if family.vision_cost_per_unit and not direct and tokens.units > 2:
-        smaller = [replace(tokens, units=n, layout=replace(tokens.layout, units=n)) for n in (1, 2)]
+        smaller = [replace(tokens, layout=replace(tokens.layout, units=n)) for n in (1, 2)]
         one, two = (count_vision(model, small, direct=True) for small in smaller)
         return one + (tokens.units - 1) * (two - one)
     with _RealIndexMetaMode():

@@ -270,10 +270,8 @@ class SlowFastModel(nn.Module):
         self._check_wrapped()
         self._check_new_name(adapter_name)
         saved = _read_for(self.base_model, path_or_hub_id, revision=revision, token=token, subfolder=subfolder)
-        try:
+        with _must_fit(saved):
             self.add_adapter(adapter_name, saved.config, lora_config=_explicit_lora(saved))
-        except ValueError as err:  # e.g. the saved LoRA targets do not exist in this base
-            raise AdapterError(f"The adapter in {saved.directory} does not fit this base model: {err}") from err
         try:
             self._load_tensors(adapter_name, saved, verify_checksums=verify_checksums)
         except BaseException:
@@ -298,7 +296,7 @@ class SlowFastModel(nn.Module):
             adapter_io.check_keys_and_shapes(self.lora_state_dict(adapter_name), saved.lora_tensors, saved.lora_path)
         if verify_checksums:
             saved.verify_checksums()
-        adapter_io.copy_checked(self.adapter_state_dict(adapter_name), saved.tensors, saved.weights_path)
+        adapter_io.copy_tensors(self.adapter_state_dict(adapter_name), saved.tensors)
         if saved.lora_tensors is not None:
             lora.load_state_dict(self.base_model, saved.lora_tensors, adapter_name)
             loaded = self.lora_state_dict(adapter_name)
@@ -499,10 +497,8 @@ class SlowFastModel(nn.Module):
         if isinstance(base_model, SlowFastModel):
             raise TypeError("The model is already a SlowFastModel; pass its base (`model.unwrap()`) instead.")
         saved = _read_for(base_model, path_or_hub_id, revision=revision, token=token, subfolder=subfolder)
-        try:
+        with _must_fit(saved):
             model = cls(base_model, saved.config, lora_config=_explicit_lora(saved), adapter_name=adapter_name)
-        except ValueError as err:  # e.g. the saved LoRA targets do not exist in this base
-            raise AdapterError(f"The adapter in {saved.directory} does not fit this base model: {err}") from err
         try:
             model._load_tensors(adapter_name, saved, verify_checksums=verify_checksums)
         except BaseException:
@@ -547,6 +543,15 @@ def _read_for(
     saved = adapter_io.read_adapter(directory)
     adapter_io.check_base(base_model, saved.meta, directory)
     return saved
+
+
+@contextmanager
+def _must_fit(saved: adapter_io.SavedAdapter) -> Iterator[None]:
+    """While adding a saved adapter's modules, a `ValueError` (e.g. LoRA targets this base lacks) is an AdapterError."""
+    try:
+        yield
+    except ValueError as err:
+        raise AdapterError(f"The adapter in {saved.directory} does not fit this base model: {err}") from err
 
 
 def _explicit_lora(saved: adapter_io.SavedAdapter) -> LoraConfig | None:

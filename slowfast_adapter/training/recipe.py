@@ -75,10 +75,7 @@ class Recipe:
     train: TrainArgs = field(default_factory=TrainArgs)
 
     def slowfast_config(self) -> SlowFastConfig:
-        known = {f.name for f in fields(SlowFastConfig)}
-        unknown = sorted(set(self.slowfast) - known)
-        if unknown:
-            raise ValueError(f"Unknown keys in recipe section 'slowfast': {unknown}. Known: {sorted(known)}.")
+        _check_known_keys(SlowFastConfig, self.slowfast, "slowfast")
         return SlowFastConfig(**self.slowfast)
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,12 +166,16 @@ def _accepts(annotation: Any, value: Any) -> bool:
     return isinstance(value, origin or annotation) or (origin is tuple and isinstance(value, list))
 
 
-def _section(cls: type, values: dict[str, Any] | None, name: str) -> Any:
-    values = dict(values or {})
+def _check_known_keys(cls: type, values: dict[str, Any], section: str) -> None:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"Unknown keys in recipe section '{name}': {unknown}. Known: {sorted(known)}.")
+        raise ValueError(f"Unknown keys in recipe section '{section}': {unknown}. Known: {sorted(known)}.")
+
+
+def _section(cls: type, values: dict[str, Any] | None, name: str) -> Any:
+    values = dict(values or {})
+    _check_known_keys(cls, values, name)
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if not _accepts(hints[key], value):
