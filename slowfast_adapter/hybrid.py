@@ -61,9 +61,13 @@ class SlowBranch(nn.Module):
         for bias, source in ((self.kv_proj.bias[:width], k_proj.bias), (self.kv_proj.bias[width:], v_proj.bias)):
             bias.copy_(source) if source is not None else bias.zero_()
 
+    def project_tokens(self, normed_slow: torch.Tensor) -> torch.Tensor:
+        """normed_slow [..., S, D] -> K then V [..., S, 2 * H_kv * hd]. No positional encoding on slow keys."""
+        return self.kv_proj(normed_slow.to(self.kv_proj.weight.dtype))
+
     def project_slow(self, normed_slow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """normed_slow [B, S, D] -> key, value [B, H_kv, S, hd]. No positional encoding on slow keys."""
-        kv = self.kv_proj(normed_slow.to(self.kv_proj.weight.dtype))
+        """normed_slow [B, S, D] -> key, value [B, H_kv, S, hd]."""
+        kv = self.project_tokens(normed_slow)
         key, value = rearrange(kv, "b s (two h d) -> two b h s d", two=2, d=self.head_dim)
         return key, value
 
@@ -132,14 +136,44 @@ class HybridLayerHooks:
         self.handles = []
 
     def slow_kv(self, context: SlowContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slow K/V of this layer for the active call, projected on first use and then cached."""
+        """The slow K/V [B, H_kv, S, hd] of this layer for the active call, projected on first use and then
+        cached for the call."""
         if context.reproject_slow_kv or self.layer_idx not in context.slow_kv:
-            context.stats["kv_projections"] += 1
-            key_value = self.branch.project_slow(self.norm(context.slow.tokens))
+            key_value = rearrange(
+                self._project_items(context), "b s (two h d) -> two b h s d", two=2, d=self.branch.head_dim
+            )
             if context.reproject_slow_kv:  # debug: no cache, as the reference does at every decode step
-                return key_value
-            context.slow_kv[self.layer_idx] = key_value
+                return key_value[0], key_value[1]
+            context.slow_kv[self.layer_idx] = (key_value[0], key_value[1])
         return context.slow_kv[self.layer_idx]
+
+    def _project_items(self, context: SlowContext) -> torch.Tensor:
+        """[B, S, 2 * H_kv * hd]: the slow tokens normalised by the layer's own `input_layernorm` and projected,
+        videos taken from `context.encoded` where it holds their K/V; the rest in one projection."""
+        slow, encoded = context.slow, context.encoded
+        kv_proj = self.branch.kv_proj
+        parameters = [p for p in (kv_proj.weight, kv_proj.bias, getattr(self.norm, "weight", None)) if p is not None]
+        kv = slow.tokens.new_zeros(*slow.tokens.shape[:2], kv_proj.out_features, dtype=kv_proj.weight.dtype)
+        parts: dict[int, torch.Tensor] = {}
+        if encoded is not None:
+            for i, item in enumerate(slow.items):
+                cached = encoded.cached_kv((context.owner, self.layer_idx, item.key), parameters) if item.key else None
+                if cached is not None:
+                    parts[i] = cached
+        todo = [i for i in range(len(slow.items)) if i not in parts]
+        if todo:
+            context.stats["kv_projections"] += 1
+            spans = [slow.items[i] for i in todo]
+            tokens = torch.cat([slow.tokens[it.row, it.start : it.start + it.length] for it in spans])  # [N, D]
+            projected = self.branch.project_tokens(self.norm(tokens)).split([it.length for it in spans])
+            for i, part in zip(todo, projected, strict=True):
+                parts[i] = part
+                key = slow.items[i].key
+                if encoded is not None and key and context.store_kv:
+                    encoded.store_kv((context.owner, self.layer_idx, key), part, parameters)
+        for i, item in enumerate(slow.items):
+            kv[item.row, item.start : item.start + item.length] = parts[i]
+        return kv
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = active_context(self.owner)

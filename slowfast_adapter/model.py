@@ -15,6 +15,7 @@ from torch import nn
 from . import adapter_io, hub, lora, state, surface
 from .adapters import SlowFastAdapter
 from .config import SlowFastConfig
+from .encoded import EncodedVideos
 from .families import ModelFamily, PreparedInputs, family_for
 from .files import DEFAULT_ADAPTER, LORA_SUBFOLDER, AdapterError
 from .hybrid import HybridLayerHooks, register_step_hook
@@ -95,39 +96,43 @@ class SlowFastModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ----------------------------------------------------------------------------------------- calls
-    def prepare_inputs(self, **inputs: Any) -> PreparedInputs:
+    def prepare_inputs(self, *, encoded: EncodedVideos | None = None, **inputs: Any) -> PreparedInputs:
         """The base-model inputs this wrapper runs: fast tokens in the sequence, slow tokens beside it."""
         self._check_wrapped()
-        return self.family.prepare(self.base_model, self.slowfast_config, inputs)
+        if encoded is not None:
+            encoded.check_owner(id(self), self._projector_adapter())
+        return self.family.prepare(self.base_model, self.slowfast_config, inputs, encoded=encoded)
 
-    def forward(self, input_ids: torch.Tensor | None = None, **inputs: Any) -> Any:
+    def forward(self, input_ids: torch.Tensor | None = None, *, encoded: EncodedVideos | None = None, **inputs: Any):
         """Same arguments as the base model's forward (the stock processor's output, labels, ...).
 
         The returned logits cover the fitted sequence (`prepare_inputs(...).input_ids`), which holds
         the fast tokens instead of the native video tokens; labels are fitted the same way.
+        encoded: videos from `encode`, reused instead of encoding the same pixels again (same outputs).
         """
         mode = state.current_mode(id(self))
-        if mode == "base":
+        if mode == "base":  # the base encodes its own native tokens; `encoded` holds slow-fast features
             with state.activated(None):
                 return self.base_model(input_ids=input_ids, **inputs)
-        prepared = self.prepare_inputs(input_ids=input_ids, **inputs)
-        with state.activated(self._slow_context(prepared) if mode == "slowfast" else None):
+        prepared = self.prepare_inputs(input_ids=input_ids, encoded=encoded, **inputs)
+        with state.activated(self._slow_context(prepared, encoded) if mode == "slowfast" else None):
             return self.base_model(**prepared.model_inputs)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor | None = None, **inputs: Any) -> Any:
+    def generate(self, input_ids: torch.Tensor | None = None, *, encoded: EncodedVideos | None = None, **inputs: Any):
         """The base model's `generate`, with the slow path active at every step.
 
         Slow K/V are projected once per call and reused at every decode step. The returned sequences
         start with the caller's own `input_ids` (native placeholder count), followed by the new tokens,
         so `output[:, input_ids.shape[1]:]` is the answer as with the base model.
+        encoded: videos from `encode`, reused instead of encoding the same pixels again (same answer).
         """
         mode = state.current_mode(id(self))
         if mode == "base":
             with state.activated(None):
                 return self.base_model.generate(input_ids=input_ids, **inputs)
-        prepared = self.prepare_inputs(input_ids=input_ids, **inputs)
-        with state.activated(self._slow_context(prepared) if mode == "slowfast" else None):
+        prepared = self.prepare_inputs(input_ids=input_ids, encoded=encoded, **inputs)
+        with state.activated(self._slow_context(prepared, encoded) if mode == "slowfast" else None):
             output = self.base_model.generate(**prepared.model_inputs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         new_tokens = sequences[:, prepared.input_ids.shape[1] :]
@@ -138,23 +143,57 @@ class SlowFastModel(nn.Module):
         output.sequences = sequences
         return output
 
-    def _slow_context(self, prepared: PreparedInputs) -> state.SlowContext | None:
+    @torch.no_grad()
+    def encode(self, *, into: EncodedVideos | None = None, **inputs: Any) -> EncodedVideos:
+        """Encode the videos of `inputs` (the stock processor's output; text keys are ignored) once, for later
+        `forward`/`generate(..., encoded=...)` calls about the same videos.
+
+        Runs the vision tower and projector on each video not yet in `into` and projects every hybrid layer's
+        slow K/V (active adapter). Returns `into` (or a new `EncodedVideos`) with them added; its `nbytes` says
+        what it holds. Follow-up calls still pass the processor's output for their prompt (same pixels).
+        """
+        self._check_wrapped()
+        encoded = into if into is not None else EncodedVideos(owner=id(self), projector=self._projector_adapter())
+        encoded.check_owner(id(self), self._projector_adapter())
+        inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
+        slow = self.family.encode_videos(self.base_model, inputs, encoded)
+        if slow is not None:
+            self.slow_context(
+                slow, torch.zeros(slow.mask.shape[0], 0, dtype=torch.bool), encoded=encoded, store_kv=True
+            )
+        return encoded
+
+    def _projector_adapter(self) -> str | None:
+        """The adapter whose projector copy encodes videos now (None: the base's own projector)."""
+        config = self.slowfast_configs.get(self._active_adapter)
+        return self._active_adapter if config is not None and config.train_projector else None
+
+    def _slow_context(self, prepared: PreparedInputs, encoded: EncodedVideos | None = None) -> state.SlowContext | None:
         if prepared.slow is None:  # no visual input in the batch: exactly the base model
             return None
         queries = state.prompt_query_mask(prepared.visual_mask, self.slowfast_config.query_tokens)
         attention_mask = prepared.model_inputs.get("attention_mask")
         if attention_mask is not None:
             queries = queries & attention_mask.bool()
-        return self.slow_context(prepared.slow, queries, reproject_slow_kv=self.debug_reproject_slow_kv)
+        return self.slow_context(
+            prepared.slow, queries, reproject_slow_kv=self.debug_reproject_slow_kv, encoded=encoded
+        )
 
     def slow_context(
-        self, slow: state.SlowTokens, prompt_query_mask: torch.Tensor, *, reproject_slow_kv: bool = False
+        self,
+        slow: state.SlowTokens,
+        prompt_query_mask: torch.Tensor,
+        *,
+        reproject_slow_kv: bool = False,
+        encoded: EncodedVideos | None = None,
+        store_kv: bool = False,
     ) -> state.SlowContext:
         """The per-call state of the active adapter for `slow` tokens (activate it with `state.activated`).
 
         prompt_query_mask: [B, L0] bool, the prompt tokens that query the slow tokens. Unless
         `reproject_slow_kv`, every hybrid layer's slow K/V are projected here, once per call and outside any
-        checkpointed layer. Used by `forward`/`generate` and by the FLOP counter.
+        checkpointed layer. Used by `forward`/`generate` and by the FLOP counter. encoded: K/V of videos
+        encoded earlier are taken from it; with `store_kv`, those projected here are added to it (`encode`).
         """
         adapter = self._active_adapter
         # Owned by the active adapter: only its hybrid-layer hooks act during this call.
@@ -163,6 +202,8 @@ class SlowFastModel(nn.Module):
             slow=slow,
             prompt_query_mask=prompt_query_mask,
             reproject_slow_kv=reproject_slow_kv,
+            encoded=encoded,
+            store_kv=store_kv,
         )
         if not reproject_slow_kv:
             for hooks in self._hooks[adapter]:

@@ -13,18 +13,45 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
 from .surface import changed
 
+if TYPE_CHECKING:
+    from .encoded import EncodedVideos
+
+
+@dataclass(frozen=True)
+class SlowItem:
+    """One video's (or image's) slow tokens inside `SlowTokens`: tokens[row, start : start + length].
+
+    key: the video's fingerprint when its features may come from (or go to) an `EncodedVideos` cache."""
+
+    row: int
+    start: int
+    length: int
+    key: str | None = None
+
 
 @dataclass
 class SlowTokens:
-    """The slow tokens of a batch, padded: tokens [B, S, D], mask [B, S] (True = real token)."""
+    """The slow tokens of a batch, padded: tokens [B, S, D], mask [B, S] (True = real token).
+
+    items: where each video's (or image's) tokens sit, in row order; by default one item per row holding the
+    row's leading real tokens. Slow K/V are projected item by item, so a video's K/V do not depend on the
+    batch it is in (and can be cached, see `encoded.py`).
+    """
 
     tokens: torch.Tensor
     mask: torch.Tensor
+    items: list[SlowItem] | None = None
+
+    def __post_init__(self) -> None:
+        if self.items is None:
+            counts = self.mask.sum(-1).tolist()
+            self.items = [SlowItem(row, 0, int(count)) for row, count in enumerate(counts) if count]
 
     @cached_property
     def has_slow(self) -> torch.Tensor:
@@ -39,14 +66,15 @@ class SlowTokens:
         return mask
 
     @classmethod
-    def pack(cls, items: list[tuple[int, torch.Tensor]], batch_size: int) -> SlowTokens | None:
-        """Concatenate per-item slow tokens [S_i, D] by sample row; None when there are no items."""
+    def pack(cls, items: list[tuple[int, torch.Tensor, str | None]], batch_size: int) -> SlowTokens | None:
+        """Concatenate per-item slow tokens [S_i, D] (with their cache key or None) by sample row; None when
+        there are no items."""
         if not items:
             return None
         items = sorted(items, key=lambda item: item[0])  # stable: keeps each sample's items in order
-        rows = torch.tensor([row for row, _ in items])
-        lengths = torch.tensor([tokens.shape[0] for _, tokens in items])
-        flat = torch.cat([tokens for _, tokens in items])  # [N, D]
+        rows = torch.tensor([row for row, _, _ in items])
+        lengths = torch.tensor([tokens.shape[0] for _, tokens, _ in items])
+        flat = torch.cat([tokens for _, tokens, _ in items])  # [N, D]
         sample = rows.repeat_interleave(lengths)  # [N]
         per_row = torch.bincount(rows, weights=lengths, minlength=batch_size).long()
         starts = per_row.cumsum(0) - per_row
@@ -56,7 +84,11 @@ class SlowTokens:
         sample, slot = sample.to(flat.device), slot.to(flat.device)
         tokens[sample, slot] = flat
         mask[sample, slot] = True
-        return cls(tokens, mask)
+        placed, cursor = [], [0] * batch_size
+        for (row, _, key), length in zip(items, lengths.tolist(), strict=True):
+            placed.append(SlowItem(row, cursor[row], length, key))
+            cursor[row] += length
+        return cls(tokens, mask, placed)
 
 
 def prompt_query_mask(visual_mask: torch.Tensor, query_tokens: str) -> torch.Tensor:
@@ -89,9 +121,12 @@ class SlowContext:
     hybrid layer. Positions come from the step's KV cache, so greedy, sampling, beam search, chunked
     prefill, cropped (assisted) caches and `use_cache=False` all get the right query mask.
     stats: counters for tests and benchmarks: "steps" (language-model forwards), "slow_reads" (hybrid
-    layer calls in which at least one token read the slow tokens), "kv_projections" (slow K/V projections).
+    layer calls in which at least one token read the slow tokens), "kv_projections" (slow K/V projections;
+    not counted for a layer whose K/V all came from `encoded`).
     reads: one entry per hybrid layer call: (step number from 1, layer index, [B] count per row of the
     tokens that read the slow tokens). See `recording()`.
+    encoded: videos encoded earlier (`SlowFastModel.encode`) whose slow K/V this call may reuse; with
+    `store_kv`, K/V it projects for them are kept there (what `encode` does).
     """
 
     owner: int
@@ -104,6 +139,8 @@ class SlowContext:
     step_length: int | None = None
     stats: dict[str, int] = field(default_factory=lambda: {"steps": 0, "slow_reads": 0, "kv_projections": 0})
     reads: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    encoded: EncodedVideos | None = None
+    store_kv: bool = False
 
     def __post_init__(self) -> None:
         recorder = _RECORDER.get()

@@ -234,3 +234,11 @@ def cpu_sdpa_op() -> Any:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     except (AttributeError, RuntimeError):
         raise changed("torch.ops.aten._scaled_dot_product_flash_attention_for_cpu") from None
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """`tensor._version`: autograd's counter of in-place changes (an optimizer step bumps it)."""
+    version = getattr(tensor, "_version", None)
+    if not isinstance(version, int):
+        raise changed("torch.Tensor._version", "cached slow K/V can no longer tell when the adapter was trained.")
+    return version

@@ -166,3 +166,12 @@ def test_peft_and_torch_internals_exist():
         assert hasattr(LoraLayer, name), f"peft {importlib.metadata.version('peft')}: LoraLayer.{name} is gone"
     assert surface.cpu_sdpa_op() is not None
     assert issubclass(surface.TorchDispatchMode, object)
+
+
+def test_tensor_version_counts_in_place_changes():
+    """Cached slow K/V are trusted only while the parameters' version counters stand still."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    before = surface.tensor_version(param)
+    with torch.no_grad():
+        param.add_(1.0)
+    assert surface.tensor_version(param) > before

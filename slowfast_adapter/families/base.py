@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import surface
 from ..config import SlowFastConfig
+from ..encoded import EncodedVideos, VideoFeatures
 from ..hybrid import apply_rope, default_query_states
 from ..sequence import fit_sequence, placeholder_item_rows
 from ..state import SlowTokens
@@ -70,9 +71,42 @@ class ModelFamily:
     query_states = staticmethod(default_query_states)
     rope = staticmethod(apply_rope)
 
-    def prepare(self, model: nn.Module, config: SlowFastConfig, inputs: dict[str, Any]) -> PreparedInputs:
-        """Turn the stock processor's output into fast-token model inputs plus slow tokens."""
+    def prepare(
+        self,
+        model: nn.Module,
+        config: SlowFastConfig,
+        inputs: dict[str, Any],
+        *,
+        encoded: EncodedVideos | None = None,
+        store: bool = False,
+    ) -> PreparedInputs:
+        """Turn the stock processor's output into fast-token model inputs plus slow tokens.
+
+        encoded: videos encoded earlier, reused instead of running the vision tower on the same pixels again;
+        with `store`, the videos this call encodes are added to it (`SlowFastModel.encode`)."""
         raise NotImplementedError
+
+    # Encode once, ask many (`encoded.py`).
+    def video_items(
+        self, model: nn.Module, inputs: dict[str, Any], encoded: EncodedVideos | None, store: bool = False
+    ) -> tuple[list[VideoFeatures], list[str | None]]:
+        """Each video of `inputs` encoded by the vision tower and projector (or taken from `encoded`), and its
+        fingerprint (None without `encoded`); with `store`, new videos are added to `encoded`."""
+        raise NotImplementedError
+
+    def slow_video_tokens(self, video: VideoFeatures) -> torch.Tensor:
+        """A video's slow tokens [S, D] from its features."""
+        raise NotImplementedError
+
+    def encode_videos(self, model: nn.Module, inputs: dict[str, Any], encoded: EncodedVideos) -> SlowTokens | None:
+        """Add the videos of `inputs` to `encoded`; returns their slow tokens, one video per row (None: none)."""
+        if inputs.get("pixel_values_videos") is None:
+            return None
+        videos, keys = self.video_items(model, inputs, encoded, store=True)
+        items = [
+            (row, self.slow_video_tokens(video), key) for row, (video, key) in enumerate(zip(videos, keys, strict=True))
+        ]
+        return SlowTokens.pack(items, batch_size=len(items))
 
     # FLOP counting (`flops.py`): the video layout and the vision path on meta tensors.
     vision_cost_per_unit = False
@@ -122,7 +156,7 @@ def add_images(
     image_token_id: int,
     config: SlowFastConfig,
     mm_outputs: dict[str, Any],
-    slow_items: list[tuple[int, torch.Tensor]],
+    slow_items: list[tuple[int, torch.Tensor, str | None]],
 ) -> None:
     """Images keep their native tokens in the sequence (`mm_outputs["image"]`) and, with
     `config.image_slow_tokens`, also offer them as slow tokens of their sample.
@@ -134,7 +168,7 @@ def add_images(
     rows = placeholder_item_rows(input_ids, image_token_id, lengths, what="image")
     mm_outputs["image"] = image_output
     if config.image_slow_tokens:
-        slow_items += [(int(row), image) for row, image in zip(rows, images, strict=True)]
+        slow_items += [(int(row), image, None) for row, image in zip(rows, images, strict=True)]
 
 
 def finish_prepare(
@@ -143,7 +177,7 @@ def finish_prepare(
     input_ids: torch.Tensor,
     keep: torch.Tensor,
     mm_outputs: dict[str, Any],
-    slow_items: list[tuple[int, torch.Tensor]],
+    slow_items: list[tuple[int, torch.Tensor, str | None]],
     *,
     visual_token_ids: tuple[int, ...],
     extra_token_tensors: dict[str, int] | None = None,

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import surface
 from ..config import SlowFastConfig
+from ..encoded import EncodedVideos, VideoFeatures, encoded_items
 from ..pooling import plan_fast_frames, pool_fast_frames
 from ..sequence import mask_positions, placeholder_item_rows, placeholder_keep_mask
 from .base import ModelFamily, PreparedInputs, VideoLayout, add_images, finish_prepare, pop_input_ids
@@ -47,26 +48,58 @@ class LlavaOnevisionFamily(ModelFamily):
         size = vision.image_size
         surface.video_features(model, torch.empty(1, layout.units, vision.num_channels, size, size, device="meta"))
 
-    def prepare(self, model: nn.Module, config: SlowFastConfig, inputs: dict[str, Any]) -> PreparedInputs:
+    def video_items(
+        self, model: nn.Module, inputs: dict[str, Any], encoded: EncodedVideos | None, store: bool = False
+    ) -> tuple[list[VideoFeatures], list[str | None]]:
+        """Each video's features [T*h*w + 1, D] (frames' grids, then the newline token), from `encoded` or by
+        the vision tower and projector: one call for every video not cached."""
+        pixel_values_videos = inputs["pixel_values_videos"]  # [V, T, C, H, W]
+        feature_kwargs = {k: inputs[k] for k in _FEATURE_KWARGS if inputs.get(k) is not None}
+        num_videos, num_frames = pixel_values_videos.shape[:2]
+        height, width = self.video_grid(model)
+
+        def encode(indices: list[int]) -> list[VideoFeatures]:
+            pixels = pixel_values_videos if len(indices) == num_videos else pixel_values_videos[indices]
+            features = surface.video_features(model, pixels, **feature_kwargs).pooler_output
+            if features.shape[1] != num_frames * height * width + 1:  # 5.18+: grids + the newline token
+                raise surface.changed(
+                    "LlavaOnevisionModel.get_video_features(...).pooler_output",
+                    f"expected [videos, {num_frames} x {height} x {width} + 1, D], got {tuple(features.shape)}.",
+                )
+            return [VideoFeatures(video) for video in features]
+
+        return encoded_items(list(pixel_values_videos), encode, encoded, store=store)
+
+    def slow_video_tokens(self, video: VideoFeatures) -> torch.Tensor:
+        return video.native[:-1]  # without the newline token
+
+    def prepare(
+        self,
+        model: nn.Module,
+        config: SlowFastConfig,
+        inputs: dict[str, Any],
+        *,
+        encoded: EncodedVideos | None = None,
+        store: bool = False,
+    ) -> PreparedInputs:
         inputs = dict(inputs)
         input_ids = pop_input_ids(inputs)
         inputs.pop("image_sizes_videos", None)
         feature_kwargs = {k: inputs[k] for k in _FEATURE_KWARGS if inputs.get(k) is not None}
         video_id, image_id = model.config.video_token_id, model.config.image_token_id
         mm_outputs: dict[str, BaseModelOutputWithPooling] = dict(inputs.pop(surface.ENCODER_OUTPUTS_KWARG, None) or {})
-        slow_items: list[tuple[int, torch.Tensor]] = []
+        slow_items: list[tuple[int, torch.Tensor, str | None]] = []
         keep = torch.ones_like(input_ids, dtype=torch.bool)
 
         pixel_values_videos = inputs.pop("pixel_values_videos", None)
         if pixel_values_videos is not None:
             num_videos, num_frames = pixel_values_videos.shape[:2]
             height, width = self.video_grid(model)
-            features = surface.video_features(model, pixel_values_videos, **feature_kwargs).pooler_output
-            if features.shape[1] != num_frames * height * width + 1:  # transformers 5.18+: grids + the newline token
-                raise surface.changed(
-                    "LlavaOnevisionModel.get_video_features(...).pooler_output",
-                    f"expected [videos, {num_frames} x {height} x {width} + 1, D], got {tuple(features.shape)}.",
-                )
+
+            videos, keys = self.video_items(
+                model, {**inputs, "pixel_values_videos": pixel_values_videos}, encoded, store
+            )
+            features = torch.stack([video.native for video in videos])  # [V, T*h*w + 1, D]
             frames = features[:, :-1].reshape(num_videos, num_frames, height, width, -1)  # [V, T, h, w, D]
             newline = features[:, -1:]  # [V, 1, D]
             plan = plan_fast_frames(num_frames, config)
@@ -75,7 +108,9 @@ class LlavaOnevisionFamily(ModelFamily):
             rows = placeholder_item_rows(input_ids, video_id, native, what="video")
             keep &= placeholder_keep_mask(input_ids, video_id, native, torch.full_like(native, fast.shape[1]))
             mm_outputs["video"] = BaseModelOutputWithPooling(pooler_output=fast)
-            slow_items += [(int(row), video.flatten(0, 2)) for row, video in zip(rows, frames, strict=True)]
+            slow_items += [
+                (int(row), self.slow_video_tokens(v), key) for row, v, key in zip(rows, videos, keys, strict=True)
+            ]
 
         pixel_values = inputs.pop("pixel_values", None)
         if pixel_values is not None:  # encoded here: the base forward refuses pixels next to encoder outputs

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import surface
 from ..config import SlowFastConfig
+from ..encoded import EncodedVideos, VideoFeatures, encoded_items
 from ..pooling import FastPlan, plan_fast_frames, pool_fast_frames
 from ..sequence import placeholder_item_rows, placeholder_keep_mask
 from .base import ModelFamily, PreparedInputs, VideoLayout, add_images, finish_prepare, pop_input_ids
@@ -59,19 +60,30 @@ class Qwen2VLFamily(ModelFamily):
         pixels = torch.empty(layout.units * height * width, patch_dim, device="meta")
         surface.video_features(model, pixels, torch.tensor([[layout.units, height, width]]))
 
-    def prepare(self, model: nn.Module, config: SlowFastConfig, inputs: dict[str, Any]) -> PreparedInputs:
+    def prepare(
+        self,
+        model: nn.Module,
+        config: SlowFastConfig,
+        inputs: dict[str, Any],
+        *,
+        encoded: EncodedVideos | None = None,
+        store: bool = False,
+    ) -> PreparedInputs:
         inputs = dict(inputs)
         input_ids = pop_input_ids(inputs)
         merge = model.config.vision_config.spatial_merge_size
         video_id, image_id = model.config.video_token_id, model.config.image_token_id
         mm_outputs = dict(inputs.pop(surface.ENCODER_OUTPUTS_KWARG, None) or {})
-        slow_items: list[tuple[int, torch.Tensor]] = []
+        slow_items: list[tuple[int, torch.Tensor, str | None]] = []
         keep = torch.ones_like(input_ids, dtype=torch.bool)
 
         pixel_values_videos = inputs.pop("pixel_values_videos", None)
         if pixel_values_videos is not None:
             grids = inputs["video_grid_thw"]  # [V, 3] (temporal groups, height, width) in patches
-            output = surface.video_features(model, pixel_values_videos, grids)
+            videos, keys = self.video_items(
+                model, {**inputs, "pixel_values_videos": pixel_values_videos}, encoded, store
+            )
+            output = self.video_output(videos)
             plans, fast_grids = [], []
             for groups, height, width in grids.tolist():
                 plan = plan_fast_frames(groups, config, unit="temporal groups")
@@ -80,7 +92,9 @@ class Qwen2VLFamily(ModelFamily):
                 fast_grids.append([plan.num_fast_frames, fast_h * merge, fast_w * merge])
             native = torch.tensor([video.shape[0] for video in output.pooler_output])
             rows = placeholder_item_rows(input_ids, video_id, native, what="video")
-            slow_items += [(int(row), video) for row, video in zip(rows, output.pooler_output, strict=True)]
+            slow_items += [
+                (int(row), self.slow_video_tokens(v), key) for row, v, key in zip(rows, videos, keys, strict=True)
+            ]
             output.pooler_output = pool_videos(output.pooler_output, grids, plans, merge)
             self.pool_extra_video_features(output, grids, plans, merge)
             keep &= self.video_keep_mask(model, input_ids, grids, fast_grids, plans)
@@ -104,6 +118,39 @@ class Qwen2VLFamily(ModelFamily):
             visual_token_ids=(video_id, image_id),
             extra_token_tensors={"mm_token_type_ids": 0},
         )
+
+    def video_items(
+        self, model: nn.Module, inputs: dict[str, Any], encoded: EncodedVideos | None, store: bool = False
+    ) -> tuple[list[VideoFeatures], list[str | None]]:
+        """Each video's merged tokens [N, D] (and extra features), from `encoded` or by the vision tower: one
+        call for every video not cached. pixel_values_videos: [sum(T*H*W), patch dim], split by its grid."""
+        pixel_values_videos, grids = inputs["pixel_values_videos"], inputs["video_grid_thw"]  # grids: [V, 3]
+        per_video = pixel_values_videos.split(grids.prod(-1).tolist())
+
+        def encode(indices: list[int]) -> list[VideoFeatures]:
+            if len(indices) == len(per_video):
+                output = surface.video_features(model, pixel_values_videos, grids)
+            else:
+                output = surface.video_features(model, torch.cat([per_video[i] for i in indices]), grids[indices])
+            extra = self.extra_video_features(output)  # per layer, per video
+            return [
+                VideoFeatures(native, [layer[i] for layer in extra], type(output))
+                for i, native in enumerate(output.pooler_output)
+            ]
+
+        tags = [str(grid) for grid in grids.tolist()]
+        return encoded_items(list(per_video), encode, encoded, tags=tags, store=store)
+
+    def slow_video_tokens(self, video: VideoFeatures) -> torch.Tensor:
+        return video.native
+
+    def extra_video_features(self, output: Any) -> list[tuple[torch.Tensor, ...]]:
+        """Further per-video features of a `get_video_features` output, per layer (none for Qwen2-VL)."""
+        return []
+
+    def video_output(self, videos: list[VideoFeatures]) -> Any:
+        """A `get_video_features`-like output holding these videos' features."""
+        return videos[0].output_type(pooler_output=tuple(video.native for video in videos))
 
     def video_keep_mask(
         self,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import surface
+from ..encoded import VideoFeatures
 from ..pooling import FastPlan
 from .qwen2_vl import Qwen2VLFamily, pool_videos
 
@@ -27,6 +28,15 @@ class Qwen3VLFamily(Qwen2VLFamily):
     def text_tokens_per_group(self, timestamp_tokens: int) -> int:
         """`<t seconds>` (`timestamp_tokens` long), `<|vision_start|>` and `<|vision_end|>` per group."""
         return timestamp_tokens + 2
+
+    def extra_video_features(self, output: Any) -> list[tuple[torch.Tensor, ...]]:
+        return list(surface.deepstack_features(output))
+
+    def video_output(self, videos: list[VideoFeatures]) -> Any:
+        output = super().video_output(videos)
+        layers = range(len(videos[0].extra))
+        output.deepstack_features = [tuple(video.extra[layer] for video in videos) for layer in layers]
+        return output
 
     def pool_extra_video_features(self, output: Any, grids: torch.Tensor, plans: list[FastPlan], merge: int) -> None:
         deepstack = surface.deepstack_features(output)

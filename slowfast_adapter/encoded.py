@@ -1,0 +1,127 @@
+"""Encode once, ask many: a video's features kept between calls.
+
+`SlowFastModel.encode(**processor_outputs)` runs the vision tower and projector on each video once and
+returns an `EncodedVideos`; later calls given `encoded=` take each video's features (and each hybrid
+layer's slow K/V) from it instead of encoding the same pixels again. Videos are matched by their pixels,
+bit for bit (a BLAKE2 digest of each video's pixel tensor), so a batch may mix cached and new videos, ask
+one video several questions in one batch, or list the videos in another order: what is not cached is
+encoded as usual. The answer is the same, logit for logit, as without `encoded` (tests/test_encoded.py).
+
+Only the slow-fast path reads the cache: under `disable_adapter()` the base encodes its native tokens itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import surface
+
+
+def fingerprint(pixels: torch.Tensor) -> str:
+    """The identity of one video's pixel tensor: shape, dtype and a BLAKE2 digest of its bytes."""
+    data = pixels.detach().contiguous().cpu()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"", digest_size=16)
+    return f"{tuple(data.shape)}:{data.dtype}:{digest.hexdigest()}"
+
+
+@dataclass
+class VideoFeatures:
+    """One video encoded by the base's vision tower and projector (before fast pooling).
+
+    native: the family's per-video features (LLaVA: [T*h*w + 1, D] with the newline token; Qwen: the merged
+    tokens [N, D] and, for Qwen3-VL, `extra` holds the deepstack features per layer [N, D]).
+    output_type: the class of the base's `get_video_features` output, to rebuild one from cached videos.
+    """
+
+    native: torch.Tensor
+    extra: list[torch.Tensor] = field(default_factory=list)
+    output_type: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [self.native, *self.extra])
+
+
+def _parameters_state(tensors: list[torch.Tensor]) -> tuple:
+    """What cached slow K/V were projected with: the tensors' identity and in-place version counters."""
+    return tuple((id(t), surface.tensor_version(t)) for t in tensors)
+
+
+@dataclass
+class EncodedVideos:
+    """Videos encoded once by `SlowFastModel.encode`, reused by `forward`/`generate(..., encoded=...)`.
+
+    owner: id of the `SlowFastModel` that encoded them (another model's cache is refused).
+    projector: the adapter whose projector copy produced the features (None: the base's own projector).
+    videos: fingerprint -> `VideoFeatures`.
+    slow_kv: (adapter module id, layer index, fingerprint) -> ([S, 2 * H_kv * hd] K/V, parameter state); an
+    entry is used only while the branch's and norm's parameters are the ones it was projected with (training
+    after `encode` changes them in place, so their version counters move and the K/V are projected again).
+    stats: "hits" / "misses": videos taken from the cache / encoded, over `encode` and every call that used it.
+    """
+
+    owner: int
+    projector: str | None
+    videos: dict[str, VideoFeatures] = field(default_factory=dict)
+    slow_kv: dict[tuple[int, int, str], tuple[torch.Tensor, tuple]] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: video features plus slow K/V."""
+        kv = sum(t.numel() * t.element_size() for t, _ in self.slow_kv.values())
+        return sum(video.nbytes for video in self.videos.values()) + kv
+
+    def __repr__(self) -> str:
+        return f"EncodedVideos({len(self)} videos, {len(self.slow_kv)} slow K/V, {self.nbytes / 2**20:.1f} MiB)"
+
+    def cached_kv(self, key: tuple[int, int, str], parameters: list[torch.Tensor]) -> torch.Tensor | None:
+        entry = self.slow_kv.get(key)
+        if entry is None or entry[1] != _parameters_state(parameters):
+            return None
+        return entry[0]
+
+    def store_kv(self, key: tuple[int, int, str], kv: torch.Tensor, parameters: list[torch.Tensor]) -> None:
+        self.slow_kv[key] = (kv, _parameters_state(parameters))
+
+    def check_owner(self, owner: int, projector: str | None) -> None:
+        if owner != self.owner:
+            raise ValueError("`encoded` was made by another model: encode the videos with this model's `encode`.")
+        if projector != self.projector:
+            raise ValueError(
+                f"`encoded` holds features from the projector of adapter {self.projector!r}, but the active "
+                f"adapter uses {projector!r}'s: encode the videos again after `set_adapter`."
+            )
+
+
+def encoded_items(
+    pixels: list[torch.Tensor],
+    encode: Callable[[list[int]], list[VideoFeatures]],
+    cache: EncodedVideos | None,
+    *,
+    tags: list[str] | None = None,
+    store: bool = False,
+) -> tuple[list[VideoFeatures], list[str | None]]:
+    """Each video's features: from `cache` where it holds the same pixels, the rest by `encode(indices)`
+    (one call for all missing videos, returning their `VideoFeatures` in order). Returns the features and
+    each video's fingerprint (None without a cache). tags: more identity per video (e.g. its patch grid).
+    With `store`, newly encoded videos are added to the cache."""
+    if cache is None:
+        return encode(list(range(len(pixels)))), [None] * len(pixels)
+    keys = [fingerprint(p) + (f":{tag}" if tags else "") for p, tag in zip(pixels, tags or pixels, strict=True)]
+    first = {key: i for i, key in reversed(list(enumerate(keys)))}  # a video repeated in the batch: encoded once
+    missing = [i for key, i in sorted(first.items(), key=lambda item: item[1]) if key not in cache.videos]
+    fresh = dict(zip((keys[i] for i in missing), encode(missing), strict=True)) if missing else {}
+    cache.stats["hits"] += len(pixels) - len(missing)
+    cache.stats["misses"] += len(missing)
+    if store:
+        cache.videos.update(fresh)
+    return [fresh[key] if key in fresh else cache.videos[key] for key in keys], keys

@@ -1,0 +1,120 @@
+"""Encode once, ask many: `encode` + `encoded=` gives the same answer, logit for logit, as encoding again, on
+every family, and really skips the vision tower and the slow K/V projection. The slow path is made to matter
+first (gates opened, K/V projection perturbed), so reusing stale or misplaced features would change the logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_inputs
+from test_generation import perturb_branches
+
+import slowfast_adapter as sfa
+from slowfast_adapter import surface
+
+SAMPLES = [("video", "What color is the star?"), ("Tell me", "video", "is it red or blue? Answer in one word please.")]
+OTHER_QUESTIONS = [("video", "Where is the star?"), ("Describe", "video", "in three words.")]
+STEPS = 4
+
+
+@pytest.fixture
+def model(base):
+    model = sfa.wrap(base, sfa.SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2, query_tokens="text"))
+    perturb_branches(model)
+    return model
+
+
+@pytest.fixture
+def counters(model, monkeypatch):
+    """Calls of the vision tower (videos encoded) and of the hybrid layers' K/V projections."""
+    counts = {"videos": 0, "kv_proj": 0}
+    video_features = surface.video_features
+
+    def counting(base, pixels, *args, **kwargs):
+        counts["videos"] += 1
+        return video_features(base, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(surface, "video_features", counting)
+    handles = [
+        branch.kv_proj.register_forward_hook(lambda *_: counts.__setitem__("kv_proj", counts["kv_proj"] + 1))
+        for branch in model.slow_branches.values()
+    ]
+    yield counts
+    for handle in handles:
+        handle.remove()
+
+
+def _generate(model, inputs, **kwargs):
+    out = model.generate(
+        **inputs, **kwargs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    return out.sequences, torch.stack(out.logits)
+
+
+@torch.no_grad()
+def test_generate_with_encoded_videos_equals_encoding_again(model, processor, counters):
+    first = make_inputs(processor, SAMPLES)
+    encoded = model.encode(**first)
+    assert (counters["videos"], counters["kv_proj"]) == (1, len(model.hybrid_layer_indices))
+    assert len(encoded) == 2 and encoded.nbytes > 0
+
+    for samples in (SAMPLES, OTHER_QUESTIONS):  # the same videos, asked the same and then other questions
+        inputs = make_inputs(processor, samples)
+        counters.update(videos=0, kv_proj=0)
+        sequences, logits = _generate(model, inputs, encoded=encoded)
+        assert counters == {"videos": 0, "kv_proj": 0}, "the vision tower or the K/V projection ran again"
+        expected_sequences, expected_logits = _generate(model, inputs)
+        assert counters["videos"] == 1
+        assert torch.equal(sequences, expected_sequences)
+        assert torch.equal(logits, expected_logits)  # bit for bit: the same kernels on the same pixels
+        with model.slow_path_disabled():  # the slow path matters here, so reuse was tested on it
+            assert not torch.equal(_generate(model, inputs)[1], logits)
+    assert encoded.stats == {"hits": 4, "misses": 2}  # the misses: `encode` itself
+
+
+@torch.no_grad()
+def test_forward_with_encoded_videos_equals_encoding_again(model, processor):
+    inputs = make_inputs(processor, SAMPLES)
+    encoded = model.encode(**inputs)
+    assert torch.equal(model(**inputs, encoded=encoded).logits, model(**inputs).logits)
+
+
+@torch.no_grad()
+def test_a_batch_may_mix_cached_and_new_videos_and_repeat_one(model, processor, counters):
+    cached = make_inputs(processor, SAMPLES[:1], video_seeds=[7])
+    encoded = model.encode(**cached)
+    mixed = make_inputs(processor, [SAMPLES[0], SAMPLES[1], OTHER_QUESTIONS[0]], video_seeds=[3, 7, 7])
+    counters.update(videos=0)
+    sequences, logits = _generate(model, mixed, encoded=encoded)
+    assert counters["videos"] == 1 and encoded.stats == {"hits": 2, "misses": 2}  # `encode` + the new video
+    expected_sequences, expected_logits = _generate(model, mixed)
+    assert torch.equal(sequences, expected_sequences)
+    # The new video went through the tower alone instead of with the others: float rounding only.
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
+    assert len(encoded) == 1, "a call with `encoded=` reads the cache; only `encode` adds to it"
+
+
+def test_training_after_encode_projects_the_slow_kv_again(model, processor, counters):
+    inputs = make_inputs(processor, SAMPLES)
+    encoded = model.encode(**inputs)
+    with torch.no_grad():
+        model.slow_branches[str(model.hybrid_layer_indices[0])].kv_proj.weight.mul_(1.5)  # an optimizer step
+    counters.update(kv_proj=0)
+    logits = model(**inputs, encoded=encoded).logits
+    assert counters["kv_proj"] == 1, "only the changed layer's K/V are projected again"
+    assert torch.equal(logits, model(**inputs).logits)
+
+
+def test_encoded_belongs_to_one_model_and_projector(model, processor, base):
+    inputs = make_inputs(processor, SAMPLES[:1])
+    encoded = model.encode(**inputs)
+    other = sfa.wrap(type(base)(base.config).eval(), sfa.SlowFastConfig(min_fast_frames=2))
+    with pytest.raises(ValueError, match="another model"):
+        other(**inputs, encoded=encoded)
+    model.add_adapter("projector", sfa.SlowFastConfig(min_fast_frames=2, train_projector=True))
+    model.set_adapter("projector")
+    with pytest.raises(ValueError, match="encode the videos again"):
+        model(**inputs, encoded=encoded)
+    with model.disable_adapter():  # the base encodes its own native tokens: `encoded` is not read
+        torch.testing.assert_close(model(**inputs, encoded=encoded).logits, base(**inputs).logits, rtol=0, atol=0)
