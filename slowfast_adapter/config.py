@@ -108,6 +108,14 @@ class SlowFastConfig:
             "own trainable copy, saved in adapter_model.safetensors; the base's projector is never modified."
         },
     )
+    vision_chunk_frames: int = field(
+        default=32,
+        metadata={
+            "help": "Frames the vision tower encodes per call (Qwen: rounded down to whole temporal groups); 0 = "
+            "every frame of the batch in one call. Bounds the tower's activation memory on long videos; the "
+            "features are the same up to float rounding (each frame is encoded on its own either way)."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("temporal_sampling_stride", "temporal_pooling_stride", "spatial_pooling_stride"):
@@ -115,6 +123,7 @@ class SlowFastConfig:
         _check_int("min_fast_frames", self.min_fast_frames, minimum=1)
         _check_int("hybrid_layer_interval", self.hybrid_layer_interval, minimum=1)
         _check_int("hybrid_layer_start", self.hybrid_layer_start, minimum=0)
+        _check_int("vision_chunk_frames", self.vision_chunk_frames, minimum=0)
         if self.hybrid_layers is not None:
             self.hybrid_layers = list(self.hybrid_layers)
             if not self.hybrid_layers:

@@ -22,7 +22,10 @@ from torch import nn
 
 from . import surface
 from .attention import slow_cross_attention
-from .state import SlowContext, active_context, current_context
+from .state import SlowContext, SlowItem, active_context, current_context
+
+KV_CHUNK_TOKENS = 16384
+"""Slow tokens projected to K/V per `kv_proj` call (bounds the temporaries on long videos)."""
 
 
 class SlowBranch(nn.Module):
@@ -154,26 +157,32 @@ class HybridLayerHooks:
         kv_proj = self.branch.kv_proj
         parameters = [p for p in (kv_proj.weight, kv_proj.bias, getattr(self.norm, "weight", None)) if p is not None]
         kv = slow.tokens.new_zeros(*slow.tokens.shape[:2], kv_proj.out_features, dtype=kv_proj.weight.dtype)
-        parts: dict[int, torch.Tensor] = {}
+        cached: dict[int, torch.Tensor] = {}
         if encoded is not None:
             for i, item in enumerate(slow.items):
-                cached = encoded.cached_kv((context.owner, self.layer_idx, item.key), parameters) if item.key else None
-                if cached is not None:
-                    parts[i] = cached
-        todo = [i for i in range(len(slow.items)) if i not in parts]
+                part = encoded.cached_kv((context.owner, self.layer_idx, item.key), parameters) if item.key else None
+                if part is not None:
+                    cached[i] = part
+                    kv[item.row, item.start : item.start + item.length] = part
+        todo = [item for i, item in enumerate(slow.items) if i not in cached]
         if todo:
             context.stats["kv_projections"] += 1
-            spans = [slow.items[i] for i in todo]
-            tokens = torch.cat([slow.tokens[it.row, it.start : it.start + it.length] for it in spans])  # [N, D]
-            projected = self.branch.project_tokens(self.norm(tokens)).split([it.length for it in spans])
-            for i, part in zip(todo, projected, strict=True):
-                parts[i] = part
-                key = slow.items[i].key
-                if encoded is not None and key and context.store_kv:
-                    encoded.store_kv((context.owner, self.layer_idx, key), part, parameters)
-        for i, item in enumerate(slow.items):
-            kv[item.row, item.start : item.start + item.length] = parts[i]
+            self._project_into(kv, slow.tokens, todo)
+            if encoded is not None and context.store_kv:
+                for item in todo:
+                    if item.key:
+                        part = kv[item.row, item.start : item.start + item.length]
+                        encoded.store_kv((context.owner, self.layer_idx, item.key), part, parameters)
         return kv
+
+    def _project_into(self, kv: torch.Tensor, tokens: torch.Tensor, items: list[SlowItem]) -> None:
+        """kv[b, s] = kv_proj(norm(tokens[b, s])) for every slow token of `items`, KV_CHUNK_TOKENS tokens per
+        call, so the normalised tokens are never held all at once (long videos)."""
+        rows = torch.cat([torch.full((it.length,), it.row, dtype=torch.long) for it in items]).to(tokens.device)
+        positions = torch.cat([torch.arange(it.start, it.start + it.length) for it in items]).to(tokens.device)
+        for begin in range(0, rows.numel(), KV_CHUNK_TOKENS):
+            r, p = rows[begin : begin + KV_CHUNK_TOKENS], positions[begin : begin + KV_CHUNK_TOKENS]
+            kv[r, p] = self.branch.project_tokens(self.norm(tokens[r, p]))  # [n, D] -> [n, 2 * H_kv * hd]
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = active_context(self.owner)

@@ -156,7 +156,7 @@ class SlowFastModel(nn.Module):
         encoded = into if into is not None else EncodedVideos(owner=id(self), projector=self._projector_adapter())
         encoded.check_owner(id(self), self._projector_adapter())
         inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
-        slow = self.family.encode_videos(self.base_model, inputs, encoded)
+        slow = self.family.encode_videos(self.base_model, self.slowfast_config, inputs, encoded)
         if slow is not None:
             self.slow_context(
                 slow, torch.zeros(slow.mask.shape[0], 0, dtype=torch.bool), encoded=encoded, store_kv=True

@@ -71,6 +71,10 @@ class SlowTokens:
         there are no items."""
         if not items:
             return None
+        if batch_size == 1 and len(items) == 1:  # one video (the long-video case): a view, no copy
+            row, tokens, key = items[0]
+            mask = torch.ones(1, tokens.shape[0], dtype=torch.bool, device=tokens.device)
+            return cls(tokens[None], mask, [SlowItem(row, 0, tokens.shape[0], key)])
         items = sorted(items, key=lambda item: item[0])  # stable: keeps each sample's items in order
         rows = torch.tensor([row for row, _, _ in items])
         lengths = torch.tensor([tokens.shape[0] for _, tokens, _ in items])

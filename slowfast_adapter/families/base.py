@@ -88,21 +88,30 @@ class ModelFamily:
 
     # Encode once, ask many (`encoded.py`).
     def video_items(
-        self, model: nn.Module, inputs: dict[str, Any], encoded: EncodedVideos | None, store: bool = False
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        encoded: EncodedVideos | None,
+        *,
+        chunk_frames: int = 0,
+        store: bool = False,
     ) -> tuple[list[VideoFeatures], list[str | None]]:
-        """Each video of `inputs` encoded by the vision tower and projector (or taken from `encoded`), and its
-        fingerprint (None without `encoded`); with `store`, new videos are added to `encoded`."""
+        """Each video of `inputs` encoded by the vision tower and projector, at most `chunk_frames` frames per
+        call (0: all at once), or taken from `encoded`; and its fingerprint (None without `encoded`). With
+        `store`, new videos are added to `encoded`."""
         raise NotImplementedError
 
     def slow_video_tokens(self, video: VideoFeatures) -> torch.Tensor:
         """A video's slow tokens [S, D] from its features."""
         raise NotImplementedError
 
-    def encode_videos(self, model: nn.Module, inputs: dict[str, Any], encoded: EncodedVideos) -> SlowTokens | None:
+    def encode_videos(
+        self, model: nn.Module, config: SlowFastConfig, inputs: dict[str, Any], encoded: EncodedVideos
+    ) -> SlowTokens | None:
         """Add the videos of `inputs` to `encoded`; returns their slow tokens, one video per row (None: none)."""
         if inputs.get("pixel_values_videos") is None:
             return None
-        videos, keys = self.video_items(model, inputs, encoded, store=True)
+        videos, keys = self.video_items(model, inputs, encoded, chunk_frames=config.vision_chunk_frames, store=True)
         items = [
             (row, self.slow_video_tokens(video), key) for row, (video, key) in enumerate(zip(videos, keys, strict=True))
         ]

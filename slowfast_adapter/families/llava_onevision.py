@@ -49,23 +49,36 @@ class LlavaOnevisionFamily(ModelFamily):
         surface.video_features(model, torch.empty(1, layout.units, vision.num_channels, size, size, device="meta"))
 
     def video_items(
-        self, model: nn.Module, inputs: dict[str, Any], encoded: EncodedVideos | None, store: bool = False
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        encoded: EncodedVideos | None,
+        *,
+        chunk_frames: int = 0,
+        store: bool = False,
     ) -> tuple[list[VideoFeatures], list[str | None]]:
         """Each video's features [T*h*w + 1, D] (frames' grids, then the newline token), from `encoded` or by
-        the vision tower and projector: one call for every video not cached."""
+        the vision tower and projector: every video not cached together, `chunk_frames` frames per call."""
         pixel_values_videos = inputs["pixel_values_videos"]  # [V, T, C, H, W]
         feature_kwargs = {k: inputs[k] for k in _FEATURE_KWARGS if inputs.get(k) is not None}
         num_videos, num_frames = pixel_values_videos.shape[:2]
         height, width = self.video_grid(model)
+        step = chunk_frames or num_frames
+
+        def encode_chunk(pixels: torch.Tensor) -> torch.Tensor:
+            features = surface.video_features(model, pixels, **feature_kwargs).pooler_output
+            frames = pixels.shape[1]
+            if features.shape[1] != frames * height * width + 1:  # 5.18+: grids + the newline token
+                raise surface.changed(
+                    "LlavaOnevisionModel.get_video_features(...).pooler_output",
+                    f"expected [videos, {frames} x {height} x {width} + 1, D], got {tuple(features.shape)}.",
+                )
+            return features
 
         def encode(indices: list[int]) -> list[VideoFeatures]:
             pixels = pixel_values_videos if len(indices) == num_videos else pixel_values_videos[indices]
-            features = surface.video_features(model, pixels, **feature_kwargs).pooler_output
-            if features.shape[1] != num_frames * height * width + 1:  # 5.18+: grids + the newline token
-                raise surface.changed(
-                    "LlavaOnevisionModel.get_video_features(...).pooler_output",
-                    f"expected [videos, {num_frames} x {height} x {width} + 1, D], got {tuple(features.shape)}.",
-                )
+            chunks = [encode_chunk(pixels[:, f : f + step].contiguous()) for f in range(0, num_frames, step)]
+            features = torch.cat([chunk[:, :-1] for chunk in chunks] + [chunks[-1][:, -1:]], dim=1)
             return [VideoFeatures(video) for video in features]
 
         return encoded_items(list(pixel_values_videos), encode, encoded, store=store)
@@ -96,10 +109,10 @@ class LlavaOnevisionFamily(ModelFamily):
             num_videos, num_frames = pixel_values_videos.shape[:2]
             height, width = self.video_grid(model)
 
-            videos, keys = self.video_items(
-                model, {**inputs, "pixel_values_videos": pixel_values_videos}, encoded, store
-            )
-            features = torch.stack([video.native for video in videos])  # [V, T*h*w + 1, D]
+            video_inputs = {**inputs, "pixel_values_videos": pixel_values_videos}
+            chunk = config.vision_chunk_frames
+            videos, keys = self.video_items(model, video_inputs, encoded, chunk_frames=chunk, store=store)
+            features = torch.stack([v.native for v in videos]) if num_videos > 1 else videos[0].native[None]
             frames = features[:, :-1].reshape(num_videos, num_frames, height, width, -1)  # [V, T, h, w, D]
             newline = features[:, -1:]  # [V, 1, D]
             plan = plan_fast_frames(num_frames, config)

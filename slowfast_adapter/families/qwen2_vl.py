@@ -80,9 +80,9 @@ class Qwen2VLFamily(ModelFamily):
         pixel_values_videos = inputs.pop("pixel_values_videos", None)
         if pixel_values_videos is not None:
             grids = inputs["video_grid_thw"]  # [V, 3] (temporal groups, height, width) in patches
-            videos, keys = self.video_items(
-                model, {**inputs, "pixel_values_videos": pixel_values_videos}, encoded, store
-            )
+            video_inputs = {**inputs, "pixel_values_videos": pixel_values_videos}
+            chunk = config.vision_chunk_frames
+            videos, keys = self.video_items(model, video_inputs, encoded, chunk_frames=chunk, store=store)
             output = self.video_output(videos)
             plans, fast_grids = [], []
             for groups, height, width in grids.tolist():
@@ -120,23 +120,47 @@ class Qwen2VLFamily(ModelFamily):
         )
 
     def video_items(
-        self, model: nn.Module, inputs: dict[str, Any], encoded: EncodedVideos | None, store: bool = False
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        encoded: EncodedVideos | None,
+        *,
+        chunk_frames: int = 0,
+        store: bool = False,
     ) -> tuple[list[VideoFeatures], list[str | None]]:
-        """Each video's merged tokens [N, D] (and extra features), from `encoded` or by the vision tower: one
-        call for every video not cached. pixel_values_videos: [sum(T*H*W), patch dim], split by its grid."""
+        """Each video's merged tokens [N, D] (and extra features), from `encoded` or by the vision tower: every
+        video not cached in one call, or `chunk_frames` frames (whole temporal groups) per call when a video is
+        longer. pixel_values_videos: [sum(T*H*W), patch dim], split by each video's grid (T, H, W)."""
         pixel_values_videos, grids = inputs["pixel_values_videos"], inputs["video_grid_thw"]  # grids: [V, 3]
         per_video = pixel_values_videos.split(grids.prod(-1).tolist())
+        step = max(1, chunk_frames // model.config.vision_config.temporal_patch_size) if chunk_frames else 0
 
-        def encode(indices: list[int]) -> list[VideoFeatures]:
-            if len(indices) == len(per_video):
-                output = surface.video_features(model, pixel_values_videos, grids)
-            else:
-                output = surface.video_features(model, torch.cat([per_video[i] for i in indices]), grids[indices])
+        def features(output: Any) -> list[VideoFeatures]:
             extra = self.extra_video_features(output)  # per layer, per video
             return [
                 VideoFeatures(native, [layer[i] for layer in extra], type(output))
                 for i, native in enumerate(output.pooler_output)
             ]
+
+        def encode_chunked(index: int) -> VideoFeatures:
+            """One video, `step` temporal groups per call (the tower attends within each group)."""
+            groups, height, width = grids[index].tolist()
+            pieces = []
+            for first in range(0, groups, step):
+                count = min(step, groups - first)
+                pixels = per_video[index][first * height * width : (first + count) * height * width]
+                grid = grids[index : index + 1].clone()
+                grid[0, 0] = count
+                pieces += features(surface.video_features(model, pixels, grid))
+            extra = [torch.cat([piece.extra[layer] for piece in pieces]) for layer in range(len(pieces[0].extra))]
+            return VideoFeatures(torch.cat([piece.native for piece in pieces]), extra, pieces[0].output_type)
+
+        def encode(indices: list[int]) -> list[VideoFeatures]:
+            if step and any(grids[i, 0] > step for i in indices):
+                return [encode_chunked(i) for i in indices]
+            if len(indices) == len(per_video):
+                return features(surface.video_features(model, pixel_values_videos, grids))
+            return features(surface.video_features(model, torch.cat([per_video[i] for i in indices]), grids[indices]))
 
         tags = [str(grid) for grid in grids.tolist()]
         return encoded_items(list(per_video), encode, encoded, tags=tags, store=store)
