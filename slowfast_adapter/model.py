@@ -571,16 +571,10 @@ class SlowFastModel(nn.Module):
             )  # fmt: skip
 
 
-def _read_for(
-    base_model: nn.Module,
-    path_or_hub_id: str | os.PathLike,
-    *,
-    revision: str | None,
-    token: str | None,
-    subfolder: str | None,
-) -> adapter_io.SavedAdapter:
-    """Read a saved adapter (local folder or Hub repo) and check it fits `base_model`; nothing changes yet."""
-    directory = hub.resolve_folder(path_or_hub_id, revision=revision, token=token, subfolder=subfolder)
+def _read_for(base_model: nn.Module, path_or_hub_id: str | os.PathLike, **hub_kwargs: Any) -> adapter_io.SavedAdapter:
+    """Read a saved adapter (local folder or Hub repo; `hub_kwargs` for `hub.resolve_folder`) and check it fits
+    `base_model`; nothing changes yet."""
+    directory = hub.resolve_folder(path_or_hub_id, **hub_kwargs)
     saved = adapter_io.read_adapter(directory)
     adapter_io.check_base(base_model, saved.meta, directory)
     return saved
