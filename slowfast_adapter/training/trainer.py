@@ -270,9 +270,10 @@ class Trainer:
         self.log(f"resumed from {checkpoint} at step {self.state['global_step']}")
 
     # --------------------------------------------------------------------------------------- step
-    def step(self, batch: dict[str, Any]) -> torch.Tensor:
+    def step(self, batch: dict[str, Any]) -> None:
         """Forward and backward one micro-batch; clip and step the optimizer at accumulation boundaries."""
         accelerator = self.accelerator
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.accumulate(self.model):
             loss = self.model(**batch).loss
             accelerator.backward(loss)
@@ -280,7 +281,33 @@ class Trainer:
                 accelerator.clip_grad_norm_(self.params, self.args.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        self.state["batches_in_epoch"] += 1
+        self.tally += torch.tensor(
+            [loss.item(), 1, batch["input_ids"].shape[0], batch["attention_mask"].sum().item()], dtype=torch.float64
+        )
+
+    def end_step(self, stop_requested: bool) -> tuple[bool, bool]:
+        """After an optimizer step: schedule, log, evaluate and checkpoint. Returns (interrupted, done):
+        whether any process was asked to stop (SIGTERM), and whether training ends here."""
+        accelerator, state = self.accelerator, self.state
+        self.scheduler.step()
+        state["global_step"] += 1
+        flag = torch.tensor([float(stop_requested)], dtype=torch.float64)
+        summed = accelerator.reduce(torch.cat([self.tally, flag]).to(accelerator.device), reduction="sum").cpu()
+        self.tally.zero_()
+        loss = float(summed[0] / summed[1])
+        state["losses"].append(round(loss, 6))
+        elapsed, self.window_start = time.perf_counter() - self.window_start, time.perf_counter()
+        self.log_step(loss, float(summed[2] / elapsed), float(summed[3] / elapsed))
+        interrupted = bool(summed[4] > 0)
+        done = interrupted or state["global_step"] >= self.total_steps
+        if self.evaluation_due() and not interrupted:
+            done = self.evaluate() or done
+        if self.output_dir is not None and (state["global_step"] % self.args.save_steps == 0 or done):
+            path = self.checkpoint()
+            if interrupted:
+                self.log(f"stop requested: checkpoint {path} written at step {state['global_step']}; rerun to resume")
+        return interrupted, done
 
     # ---------------------------------------------------------------------------------------- log
     def log(self, message: str) -> None:
@@ -369,7 +396,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- fit
     def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
         """Train to `total_steps`, a stop rule or a SIGTERM; returns a summary (with the model)."""
-        accelerator, args, state = self.accelerator, self.args, self.state
+        accelerator, state = self.accelerator, self.state
         if resume_from is not None:
             self.resume(resume_from)
         total = sum(p.numel() for p in self.unwrapped.parameters())
@@ -392,44 +419,17 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.model.train()
-        tally = torch.zeros(4, dtype=torch.float64)  # loss sum, micro-batches, samples, tokens (this rank)
-        window_start, interrupted, done = time.perf_counter(), False, False
+        self.tally = torch.zeros(4, dtype=torch.float64)  # loss sum, micro-batches, samples, tokens (this rank)
+        self.window_start, interrupted, done = time.perf_counter(), False, False
         try:
             while not done:
                 epoch = state["epoch"]
                 for batch in self.batches(epoch, state["batches_in_epoch"]):
-                    batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    loss = self.step(batch)
-                    state["batches_in_epoch"] += 1
-                    tally += torch.tensor(
-                        [loss.item(), 1, batch["input_ids"].shape[0], batch["attention_mask"].sum().item()],
-                        dtype=torch.float64,
-                    )
-                    if not accelerator.sync_gradients:
-                        continue
-                    self.scheduler.step()
-                    state["global_step"] += 1
-                    summed = accelerator.reduce(
-                        torch.cat([tally, torch.tensor([float(stop.requested)], dtype=torch.float64)]).to(
-                            accelerator.device
-                        ),
-                        reduction="sum",
-                    ).cpu()
-                    tally.zero_()
-                    state["losses"].append(round(float(summed[0] / summed[1]), 6))
-                    elapsed, window_start = time.perf_counter() - window_start, time.perf_counter()
-                    self.log_step(float(summed[0] / summed[1]), float(summed[2] / elapsed), float(summed[3] / elapsed))
-                    step = state["global_step"]
-                    interrupted = bool(summed[4] > 0)
-                    done = interrupted or step >= self.total_steps
-                    if self.evaluation_due() and not interrupted:
-                        done = self.evaluate() or done
-                    if self.output_dir is not None and (step % args.save_steps == 0 or done):
-                        path = self.checkpoint()
-                        if interrupted:
-                            self.log(f"stop requested: checkpoint {path} written at step {step}; rerun to resume")
-                    if done:
-                        break
+                    self.step(batch)
+                    if accelerator.sync_gradients:
+                        interrupted, done = self.end_step(stop.requested)
+                        if done:
+                            break
                 else:  # the epoch ran out: the next one starts from its first batch
                     state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
         finally:
