@@ -124,16 +124,14 @@ class NeedleTask:
 
 
 @torch.no_grad()
-def accuracy(
-    model, task: NeedleTask, *, batch_size: int = 50, limit: int | None = None, slow_path: bool = True
-) -> float:
+def accuracy(model, task: NeedleTask, *, batch_size: int = 50, slow_path: bool = True) -> float:
     """Fraction of videos whose greedy answer starts with the right colour.
 
     slow_path: whether the model is expected to read the slow tokens (the slow-fast setting) or not (base,
     fast tokens only); checked on every batch, so a number is never reported for a path that did not run.
     """
     model.eval()
-    count = min(len(task), limit or len(task))
+    count = len(task)
     correct = 0
     for start in range(0, count, batch_size):
         indices = list(range(start, min(count, start + batch_size)))
