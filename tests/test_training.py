@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,13 +20,8 @@ from transformers import AutoModelForImageTextToText
 from slowfast_adapter import SlowFastModel
 from slowfast_adapter.demo.tiny_data import write_tiny_training_data
 from slowfast_adapter.training.recipe import Recipe
-from slowfast_adapter.training.train import (
-    build_model,
-    list_checkpoints,
-    parameter_group_name,
-    parameter_groups,
-    resolve_resume,
-)
+from slowfast_adapter.training.train import build_model, resolve_resume
+from slowfast_adapter.training.trainer import list_checkpoints, parameter_group_name, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes/tiny_cpu.yaml"
@@ -158,10 +155,8 @@ def test_parameter_groups_partition_trainable_parameters(tiny_data, tmp_path):
     assert lrs == {"slowfast": 2e-4, "slowfast_no_decay": 2e-4, "projector": 1e-3, "projector_no_decay": 1e-3}
     assert all(g["weight_decay"] == (0.1 if p.ndim >= 2 else 0.0) for g in groups for p in g["params"])
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {parameter_group_name(model, n) for n in names} == {"slowfast", "projector"}
-    assert parameter_group_name(model, "base_model.model.language_model.layers.0.q_proj.lora_A.default.weight") == (
-        "lora"
-    )
+    assert {parameter_group_name(n) for n in names} == {"slowfast", "projector"}
+    assert parameter_group_name("base_model.model.language_model.layers.0.q_proj.lora_A.default.weight") == ("lora")
     model.base_model.lm_head.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="lm_head.weight is neither"):
         parameter_groups(model, recipe.train.learning_rate)
@@ -217,3 +212,52 @@ def test_resume_picks_the_latest_complete_checkpoint(tiny_data, tmp_path):
     assert resolve_resume(recipe) == root / "checkpoint-10"
     recipe.train.resume = False
     assert resolve_resume(recipe) is None
+
+
+def test_recipe_rejects_the_removed_model_train_projector_key(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="model.train_projector was removed.*slowfast section"):
+        _recipe(tiny_data, tmp_path, "model.train_projector=true")
+    assert _recipe(tiny_data, tmp_path).slowfast_config().train_projector  # tiny_cpu.yaml sets it under slowfast
+
+
+class _Toy(torch.nn.Module):
+    """A model whose loss pulls its one weight towards 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(loss=((self.weight - 1) ** 2).sum())
+
+
+@pytest.mark.parametrize(
+    ("scores", "stop_at", "patience", "evaluations", "best"),
+    [
+        ([0.2, 0.5, 0.4, 0.5, 0.9], None, 2, 4, 1),  # no better score twice in a row after the 2nd evaluation
+        ([0.2, 1.0, 0.3], 1.0, None, 2, 1),  # the target is reached at the 2nd evaluation
+        ([0.2, 0.5, 0.4, 0.3, 0.1], None, None, 5, 1),  # no stop rule: all 20 steps, the best weights kept
+    ],
+)
+def test_trainer_stops_on_the_validation_rule_and_keeps_the_best_weights(scores, stop_at, patience, evaluations, best):
+    from slowfast_adapter.training.recipe import TrainArgs
+    from slowfast_adapter.training.trainer import Trainer, make_accelerator, one_group
+
+    model = _Toy()
+    args = TrainArgs(max_steps=20, warmup_steps=0, lr_scheduler="constant", mixed_precision="no")
+    batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3)}
+    seen, remaining = [], iter(scores)
+
+    def evaluate() -> float:
+        seen.append(model.weight.detach().clone())
+        return next(remaining)
+
+    trainer = Trainer(
+        model, args, lambda epoch, skip: itertools.repeat(batch), accelerator=make_accelerator(args, cpu=True),
+        groups=one_group(model, 0.05), evaluate=evaluate, eval_every=4, stop_at=stop_at, patience=patience,
+    )  # fmt: skip
+    summary = trainer.fit()
+    assert len(seen) == evaluations and summary["global_step"] == 4 * evaluations
+    assert summary["scores"] == scores[:evaluations] and summary["best_score"] == scores[best]
+    assert torch.equal(model.weight.detach(), seen[best])  # the best-on-validation weights, not the last
+    assert len(summary["losses"]) == 4 * evaluations and summary["losses"][-1] < summary["losses"][0]

@@ -4,7 +4,7 @@
 2. pretrain a tiny LLaVA-OneVision on the task with its native tokens at `native_frames` frames, save it
    with `save_pretrained` (the "pretrained base" a user would download);
 3. load it back, wrap it, train only the slow-fast adapter at `high_frames` frames (checkpoint chosen on
-   the validation split);
+   the validation split; training stops once validation accuracy reaches `adapter_target` or stops improving);
 4. on the test split, measure accuracy and LLM prefill FLOPs of (a) the base at its native frame count,
    (b) fast tokens only at the high frame count, (c) slow-fast at the high frame count, (d) the base with
    every native token of the high frame count; write JSON, Markdown and a PNG plot.
@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +29,8 @@ from .. import state
 from ..config import SlowFastConfig
 from ..model import wrap
 from ..tiny import build_tiny_llava_onevision
+from ..training.recipe import TrainArgs
+from ..training.trainer import BatchSource, Trainer, make_accelerator, one_group
 from ..training.video import read_video
 from .flops import prefill_flops
 from .needle_data import COLORS, QUESTION, read_split, write_split
@@ -57,9 +59,14 @@ class DemoConfig:
     pretrain_steps: int = 2000  # at most: pretraining stops once the base masters its own validation videos
     pretrain_target: float = 0.98
     pretrain_lr: float = 1e-3
-    adapter_steps: int = 500
+    adapter_steps: int = 500  # at most: see adapter_target and adapter_patience
     adapter_lr: float = 3e-3
-    eval_every: int = 100
+    adapter_target: float | None = 1.0
+    """The adapter stage stops once validation accuracy reaches this (None: never)."""
+    adapter_patience: int | None = 2
+    """... or once validation accuracy has not improved for this many evaluations in a row (None: never).
+    Either way the adapter keeps its best-on-validation weights."""
+    eval_every: int = 100  # steps between validation evaluations, in both stages
     seed: int = 0
     slowfast: dict[str, Any] = field(
         default_factory=lambda: {
@@ -98,6 +105,18 @@ class NeedleTask:
         answers = [self.answers[i] for i in indices]
         return answer_batch(self.processor, self.prompt, answers, [self.videos[i] for i in indices])
 
+    def random_batches(self, batch_size: int, seed: int) -> BatchSource:
+        """Endless training batches of `batch_size` distinct random videos, from a numpy RNG seeded with `seed`."""
+
+        def batches(epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+            rng = np.random.default_rng(seed)
+            for draw in itertools.count():
+                indices = rng.choice(len(self), size=batch_size, replace=False).tolist()
+                if draw >= skip:
+                    yield self.training_batch(indices)
+
+        return batches
+
     def prompt_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         self.processor.tokenizer.padding_side = "left"
         videos = [self.videos[i] for i in indices]
@@ -105,16 +124,14 @@ class NeedleTask:
 
 
 @torch.no_grad()
-def accuracy(
-    model, task: NeedleTask, *, batch_size: int = 50, limit: int | None = None, slow_path: bool = True
-) -> float:
+def accuracy(model, task: NeedleTask, *, batch_size: int = 50, slow_path: bool = True) -> float:
     """Fraction of videos whose greedy answer starts with the right colour.
 
     slow_path: whether the model is expected to read the slow tokens (the slow-fast setting) or not (base,
     fast tokens only); checked on every batch, so a number is never reported for a path that did not run.
     """
     model.eval()
-    count = min(len(task), limit or len(task))
+    count = len(task)
     correct = 0
     for start in range(0, count, batch_size):
         indices = list(range(start, min(count, start + batch_size)))
@@ -154,52 +171,33 @@ def train(
     evaluate: Callable[[], float] | None = None,
     eval_every: int = 0,
     stop_at: float | None = None,
-) -> list[float]:
-    """AdamW with linear warmup + cosine decay on the trainable parameters; keeps the best-on-val weights.
-
-    Stops early once the validation score reaches `stop_at`.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    patience: int | None = None,
+) -> dict[str, Any]:
+    """The shared `Trainer` on the CPU: AdamW on every trainable parameter, linear warmup + cosine decay,
+    random batches of `task`. With `evaluate`, keeps the best-on-validation weights and stops at `stop_at`
+    or after `patience` evaluations without improvement. Returns the trainer's summary."""
+    args = TrainArgs(
+        max_steps=steps,
+        per_device_batch_size=batch_size,
+        seed=seed,
+        warmup_steps=max(1, steps // 20),
+        mixed_precision="no",
+        logging_steps=max(1, steps // 10),
     )
-    rng = np.random.default_rng(seed)
-    losses, best, best_state = [], -1.0, None
-    start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"  {name}", leave=False, dynamic_ncols=True)  # one bar per phase, with an ETA
-    for step in range(1, steps + 1):
-        bar.update(1)
-        model.train()
-        batch = task.training_batch(rng.choice(len(task), size=batch_size, replace=False).tolist())
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % max(1, steps // 10) == 0 or step == steps:
-            rate = step / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            log(f"  {name} step {step:4d}/{steps}  loss {np.mean(losses[-20:]):.4f}  ({rate:.1f} steps/s)")
-        if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps):
-            score = evaluate()
-            log(f"  {name} step {step:4d}: validation accuracy {score:.3f}")
-            if score > best:
-                best = score
-                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            if stop_at is not None and score >= stop_at:
-                log(f"  {name}: validation accuracy reached {stop_at:.2f}, stopping")
-                break
-    bar.close()
-    if best_state is not None:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in best_state:
-                    p.copy_(best_state[n])
-    return losses
+    trainer = Trainer(
+        model,
+        args,
+        task.random_batches(batch_size, seed),
+        accelerator=make_accelerator(args, cpu=True),
+        groups=one_group(model, lr),
+        evaluate=evaluate,
+        eval_every=eval_every,
+        stop_at=stop_at,
+        patience=patience,
+        name=f"  {name}",
+        log=log,
+    )
+    return trainer.fit()
 
 
 def train_adapter(config: DemoConfig, base_dir: Path, slowfast: SlowFastConfig, *, log: Callable[[str], None]):
@@ -217,15 +215,21 @@ def train_adapter(config: DemoConfig, base_dir: Path, slowfast: SlowFastConfig, 
     log(f"      hybrid layers {model.hybrid_layer_indices}; {trainable:,d} trainable of {total:,d} parameters")
     train_task = NeedleTask(data, "train", config.high_frames, processor)
     val_task = NeedleTask(data, "val", config.high_frames, processor)
-    scores = []
-
-    def evaluate() -> float:
-        scores.append(accuracy(model, val_task))
-        return scores[-1]
-
-    train(model, train_task, steps=config.adapter_steps, lr=config.adapter_lr, batch_size=config.batch_size,
-          seed=config.seed + 1, log=log, name="adapter", evaluate=evaluate, eval_every=config.eval_every)  # fmt: skip
-    return model, processor, max(scores, default=float("nan"))
+    summary = train(
+        model,
+        train_task,
+        steps=config.adapter_steps,
+        lr=config.adapter_lr,
+        batch_size=config.batch_size,
+        seed=config.seed + 1,
+        log=log,
+        name="adapter",
+        evaluate=lambda: accuracy(model, val_task),
+        eval_every=config.eval_every,
+        stop_at=config.adapter_target,
+        patience=config.adapter_patience,
+    )
+    return model, processor, summary.get("best_score", float("nan"))
 
 
 def run(config: DemoConfig | None = None, log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Runs in well under a minute on a laptop CPU and touches every public piece: the 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +20,8 @@ import torch
 from ..config import SlowFastConfig
 from ..model import SlowFastModel, wrap
 from ..tiny import save_tiny_llava_onevision, write_mp4
+from ..training.recipe import TrainArgs
+from ..training.trainer import Trainer, make_accelerator, one_group
 from ..training.video import read_video
 from .needle_data import COLORS as NEEDLE_COLORS
 from .needle_data import QUESTION
@@ -111,18 +114,27 @@ def run(config: QuickstartConfig | None = None, log=print) -> dict[str, Any]:
     trainable, total = model.get_nb_trainable_parameters()
     log(f"[3/6] wrapped: hybrid layers {model.hybrid_layer_indices}, {trainable:,d} of {total:,d} parameters train")
 
-    batch = _training_batch(processor, videos)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-    model.train()
-    losses = []
-    for step in range(1, config.steps + 1):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))
-        if step == 1 or step % 25 == 0 or step == config.steps:
-            log(f"[4/6] step {step:3d}/{config.steps}  loss {losses[-1]:.4f}")
+    batch = _training_batch(processor, videos)  # one fixed batch, trained on at a constant learning rate
+    args = TrainArgs(
+        max_steps=config.steps,
+        per_device_batch_size=len(videos),
+        seed=config.seed,
+        lr_scheduler="constant",
+        warmup_steps=0,
+        max_grad_norm=None,
+        mixed_precision="no",
+        logging_steps=25,
+    )
+    trainer = Trainer(
+        model,
+        args,
+        lambda epoch, skip: itertools.repeat(batch),
+        accelerator=make_accelerator(args, cpu=True),
+        groups=one_group(model, config.learning_rate),
+        name="[4/6] train",
+        log=log,
+    )
+    losses = [round(loss, 4) for loss in trainer.fit()["losses"]]
 
     adapter_dir = out / "adapter"
     model.save_pretrained(adapter_dir)

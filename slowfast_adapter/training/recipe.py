@@ -15,12 +15,11 @@ from ..config import SlowFastConfig
 
 @dataclass
 class ModelArgs:
-    """The base model and what trains besides the slow-fast parameters."""
+    """The base model (what trains is the `slowfast` section's: LoRA, `train_projector`)."""
 
     name_or_path: str = ""
     dtype: str = "auto"  # base weights: auto (the checkpoint's), float32, bfloat16, float16
     attn_implementation: str | None = None  # sdpa (default), eager, flash_attention_2 where installed
-    train_projector: bool = False  # also train the multimodal projector (family.projector_modules)
 
 
 @dataclass
@@ -88,6 +87,11 @@ class Recipe:
         unknown = sorted(set(data) - {"model", "slowfast", "data", "train"})
         if unknown:
             raise ValueError(f"Unknown recipe sections {unknown}; expected model, slowfast, data, train.")
+        if "train_projector" in (data.get("model") or {}):
+            raise ValueError(
+                "model.train_projector was removed: set `train_projector: true` in the slowfast section "
+                "(the SlowFastConfig field) instead."
+            )
         recipe = cls(
             model=_section(ModelArgs, data.get("model"), "model"),
             slowfast=dict(data.get("slowfast") or {}),
