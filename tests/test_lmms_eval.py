@@ -19,20 +19,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 INSTALL = 'pip install -e ".[eval]" -e integrations/lmms_eval'
 pytest.importorskip("lmms_eval", reason=f"lmms-eval is not installed: {INSTALL}")
 plugin = pytest.importorskip("slowfast_lmms_eval", reason=f"the lmms-eval plugin is not installed: {INSTALL}")
 
+from conftest import conversation, open_gates  # noqa: E402
+from slowfast_lmms_eval import model as plugin_model  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
-from slowfast_adapter import SlowFastModel  # noqa: E402
+from slowfast_adapter import SlowFastConfig, SlowFastModel, wrap  # noqa: E402
 from slowfast_adapter.demo.experiment import DemoConfig, NeedleTask, run  # noqa: E402
+from slowfast_adapter.tiny import random_video, write_mp4  # noqa: E402
+from slowfast_adapter.training.video import read_clip  # noqa: E402
 
 NUM_TEST = 24  # one batch, in lmms-eval as in the demo's own evaluation (batches of 50)
 CONFIG = dict(
     num_pretrain=160, num_train=64, num_val=16, num_test=NUM_TEST, hidden_size=64, intermediate_size=256,
-    batch_size=8, pretrain_steps=60, adapter_steps=20, adapter_lr=1e-2, eval_every=10,
+    batch_size=8, pretrain_steps=80, adapter_steps=30, adapter_lr=1e-2, eval_every=10,
 )  # fmt: skip
 
 
@@ -114,3 +119,57 @@ def test_lmms_eval_cli_reproduces_the_demo_answer_for_answer(demo, demo_answers,
         for setting, model_args, accuracy, seconds, table in report:
             print(f"{setting} {model_args}: accuracy {accuracy:.4f} ({seconds:.1f} s)")
             print("\n".join(table))
+
+
+class Request:  # what the plugin reads from lmms-eval's `Instance`
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
+    """Each family, fps sampling: batched answers equal one by one and the stock processor + `generate`; a video
+    asked twice is decoded once per batch; still frames run as one video; loglikelihood equals the stock forward's
+    log-probabilities."""
+    base = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    model = wrap(base, SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2))
+    open_gates(model)  # the slow path changes the answers
+    model.save_pretrained(tmp_path / "adapter")
+    videos = [write_mp4(tmp_path / f"v{i}.mp4", random_video(8, seed=i), fps=8) for i in range(3)]
+    docs = [{"video": str(videos[v]), "question": q} for v, q in ((0, "What is it?"), (1, "Colour?"), (0, "Why?"),
+                                                                  (2, "Where?"))]  # fmt: skip
+    lmm = plugin_model.SlowFastLMM(pretrained=str(tiny_dir), adapter=str(tmp_path / "adapter"), fps=8, max_frames=8,
+                                   batch_size=4, device="cpu")  # fmt: skip
+    lmm.task_dict = {"t": {"test": docs}}
+    reads = []
+    monkeypatch.setattr(plugin_model, "read_clip", lambda path, **kw: reads.append(path) or read_clip(path, **kw))
+    gen = {"max_new_tokens": 4, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
+    requests = [
+        Request(d["question"], dict(gen), lambda doc: [doc["video"]], i, "t", "test") for i, d in enumerate(docs)
+    ]
+    batched = lmm.generate_until(requests)
+    assert len(reads) == 3  # video 0 asked twice, decoded once
+    lmm.batch_size = 1
+    assert lmm.generate_until(requests) == batched
+    frames = [Image.fromarray(frame) for frame in random_video(8, seed=5)]  # MVBench-style frame folder
+    (answer,) = lmm.generate_until([Request("What is it?", dict(gen), lambda doc: frames, 0, "t", "test")])
+    assert isinstance(answer, str)
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    model = SlowFastModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_dir), tmp_path / "adapter")
+    clip = read_clip(docs[0]["video"], fps=8, max_frames=8, multiple=lmm.sampling["multiple"])
+    prompt = processor.apply_chat_template(conversation("video", docs[0]["question"]), add_generation_prompt=True)
+    video = {"videos": [clip.frames], "video_metadata": [clip.metadata()], "do_sample_frames": False}
+    inputs = processor(text=[prompt], return_tensors="pt", **video)
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert batched[0] == processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+    continuation = " red"
+    (logprob, greedy), _ = lmm.loglikelihood([Request(docs[0]["question"], continuation, lambda doc: [doc["video"]],
+                                                      i, "t", "test") for i in (0, 2)])  # fmt: skip
+    full = processor(text=[prompt + continuation], return_tensors="pt", **video)
+    count = full["input_ids"].shape[1] - inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = torch.log_softmax(model(**full).logits[0, -count - 1 : -1].float(), dim=-1)
+    target = full["input_ids"][0, -count:]
+    assert logprob == pytest.approx(float(logits.gather(-1, target[:, None]).sum()), abs=1e-4)
+    assert greedy == bool((logits.argmax(-1) == target).all())

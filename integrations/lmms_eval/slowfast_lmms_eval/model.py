@@ -16,7 +16,9 @@ Model arguments (`--model_args key=value,...`):
 - device (default: cuda when available, else cpu; one process per GPU under `accelerate launch`), dtype
   (auto, bfloat16, float16, float32), attn_implementation (sdpa, eager, flash_attention_2), system_prompt
   (default none: the chat template's own), video_backend (auto, decord, pyav).
-The batch size is lmms-eval's own flag `--batch_size N` (left-padded batched generation).
+The batch size is lmms-eval's own flag `--batch_size N` (left-padded batched generation). A document's visuals are
+video paths or PIL images; several PIL images of one document are taken as the frames of one video (as MVBench's
+frame-folder subtasks hand them over).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from collections import defaultdict
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from lmms_eval.api.model import lmms
 from PIL import Image
 from slowfast_adapter import SlowFastConfig, SlowFastModel, wrap
-from slowfast_adapter.training.video import VideoClip, read_clip
+from slowfast_adapter.training.video import VideoClip, read_clip, uniform_indices
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -140,12 +143,24 @@ class SlowFastLMM(lmms):
             cache[path] = read_clip(path, **self.sampling)
         return cache[path]
 
+    def _frames_clip(self, images: list[Image.Image]) -> VideoClip:
+        """Several still frames of one document (e.g. MVBench's frame folders) as one video at 1 frame per second."""
+        s = self.sampling
+        count = s["num_frames"] or max(
+            s["multiple"], min(len(images), s["max_frames"]) // s["multiple"] * s["multiple"]
+        )
+        keep = uniform_indices(len(images), count)
+        frames = np.stack([np.asarray(images[i].convert("RGB")) for i in keep])
+        return VideoClip(frames, keep, 1.0, len(images), "frames")
+
     def _prompt(self, question: str, visuals: list, cache: dict[str, VideoClip], media: dict[str, list]) -> str:
         """The chat-template prompt for one question; its videos' frames and images are appended to `media`."""
+        if len(visuals) > 1 and all(isinstance(v, Image.Image) for v in visuals):
+            visuals = [self._frames_clip(visuals)]  # the frames of one video, as video benchmarks hand them over
         content = []
         for visual in visuals:
-            if isinstance(visual, str):
-                clip = self._clip(visual, cache)
+            if isinstance(visual, str | VideoClip):
+                clip = visual if isinstance(visual, VideoClip) else self._clip(visual, cache)
                 media["videos"].append(clip.frames)
                 media["video_metadata"].append(clip.metadata())
                 content.append({"type": "video"})
@@ -153,7 +168,7 @@ class SlowFastLMM(lmms):
                 media["images"].append(visual.convert("RGB"))
                 content.append({"type": "image"})
             else:
-                raise TypeError(f"Unsupported visual {type(visual).__name__}: give a video path or a PIL image.")
+                raise TypeError(f"Unsupported visual {type(visual).__name__}: give video paths or PIL images.")
         question = question.replace("<image>", "").replace("<video>", "").strip()
         messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
         if self.system_prompt:
@@ -177,9 +192,10 @@ class SlowFastLMM(lmms):
     def _sub_batches(self, rows: list[tuple[str, list]], cache: dict[str, VideoClip]) -> list[list[int]]:
         if not self.stacks_videos:
             return [list(range(len(rows)))]
-        groups = defaultdict(list)
+        groups = defaultdict(list)  # frame counts -> rows (a document's still frames: how many there are)
         for i, (_, visuals) in enumerate(rows):
-            groups[tuple(len(self._clip(v, cache).frames) for v in visuals if isinstance(v, str))].append(i)
+            counts = [len(self._clip(v, cache).frames) if isinstance(v, str) else -len(visuals) for v in visuals]
+            groups[tuple(counts)].append(i)
         return list(groups.values())
 
     @torch.no_grad()
