@@ -154,6 +154,27 @@ def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
     (answer,) = lmm.generate_until([Request("What is it?", dict(gen), lambda doc: frames, 0, "t", "test")])
     assert isinstance(answer, str)
 
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):  # a second round, then the end
+        if round_idx == 2:
+            return None, None, True, previous_output, None
+        return [doc["video"]], "And then?", False, previous_output, {"round": round_idx}
+
+    visual = lambda doc: [doc["video"]]  # noqa: E731
+    (rounds,) = lmm.generate_until_multi_round([Request(docs[0]["question"], dict(gen), visual, doc_to_text, 0, "t",
+                                                        "test")])  # fmt: skip
+    assert len(rounds) == 2 and rounds[0] == batched[0]
+
+    args = {"pretrained": str(tiny_dir), "fps": 8, "max_frames": 8, "device": "cpu", "temporal_pooling_stride": 2}
+    strided = plugin_model.SlowFastLMM(adapter=str(tmp_path / "adapter"), **args)  # pooling set at evaluation
+    assert strided.model.slowfast_config == SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2,
+                                                           temporal_pooling_stride=2)  # fmt: skip
+    fast = plugin_model.SlowFastLMM(adapter="none", slow_path="off", min_fast_frames=2, **args)  # fresh fast tokens
+    assert fast.model.slowfast_config == SlowFastConfig(min_fast_frames=2, temporal_pooling_stride=2)
+    fast.task_dict = lmm.task_dict
+    assert len(fast.generate_until(requests[:1])) == 1
+    with pytest.raises(ValueError, match="need an adapter or slow_path=off"):
+        plugin_model.SlowFastLMM(adapter="none", **args)
+
     processor = AutoProcessor.from_pretrained(tiny_dir)
     model = SlowFastModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_dir), tmp_path / "adapter")
     clip = read_clip(docs[0]["video"], fps=8, max_frames=8, multiple=lmm.sampling["multiple"])
