@@ -145,10 +145,9 @@ class SlowFastLMM(lmms):
 
     def _frames_clip(self, images: list[Image.Image]) -> VideoClip:
         """Several still frames of one document (e.g. MVBench's frame folders) as one video at 1 frame per second."""
-        s = self.sampling
-        count = s["num_frames"] or max(
-            s["multiple"], min(len(images), s["max_frames"]) // s["multiple"] * s["multiple"]
-        )
+        count, step = self.sampling["num_frames"], self.sampling["multiple"]
+        if count is None:  # fps sampling: at most max_frames, a multiple of the strides, as for video files
+            count = max(step, min(len(images), self.sampling["max_frames"]) // step * step)
         keep = uniform_indices(len(images), count)
         frames = np.stack([np.asarray(images[i].convert("RGB")) for i in keep])
         return VideoClip(frames, keep, 1.0, len(images), "frames")
