@@ -11,11 +11,18 @@ from .version import __version__
 
 if TYPE_CHECKING:
     from .config import SlowFastConfig
+    from .encoded import EncodedVideos
     from .files import AdapterError
     from .model import SlowFastModel, wrap
 
-_EXPORTS = {"AdapterError": ".files", "SlowFastConfig": ".config", "SlowFastModel": ".model", "wrap": ".model"}
-__all__ = ["AdapterError", "SlowFastConfig", "SlowFastModel", "__version__", "wrap"]
+_EXPORTS = {
+    "AdapterError": ".files",
+    "EncodedVideos": ".encoded",
+    "SlowFastConfig": ".config",
+    "SlowFastModel": ".model",
+    "wrap": ".model",
+}
+__all__ = ["AdapterError", "EncodedVideos", "SlowFastConfig", "SlowFastModel", "__version__", "wrap"]
 
 
 def __getattr__(name: str) -> Any:

@@ -146,8 +146,13 @@ def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
     requests = [
         Request(d["question"], dict(gen), lambda doc: [doc["video"]], i, "t", "test") for i, d in enumerate(docs)
     ]
+    encodes = []
+    monkeypatch.setattr(lmm, "_encode", lambda inputs: encodes.append(plugin_model.SlowFastLMM._encode(lmm, inputs))
+                        or encodes[-1])  # fmt: skip
     batched = lmm.generate_until(requests)
     assert len(reads) == 3  # video 0 asked twice, decoded once
+    (encoded,) = encodes  # ... and encoded once: the batch's 3 videos through the tower, 4 rows served
+    assert encoded.stats == {"hits": 4, "misses": 3}
     lmm.batch_size = 1
     assert lmm.generate_until(requests) == batched
     frames = [Image.fromarray(frame) for frame in random_video(8, seed=5)]  # MVBench-style frame folder
@@ -193,4 +198,5 @@ def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
         logits = torch.log_softmax(model(**full).logits[0, -count - 1 : -1].float(), dim=-1)
     target = full["input_ids"][0, -count:]
     assert logprob == pytest.approx(float(logits.gather(-1, target[:, None]).sum()), abs=1e-4)
+    assert encodes[-1].stats == {"hits": 2, "misses": 1}  # both continuations' forwards reused one encoding
     assert greedy == bool((logits.argmax(-1) == target).all())

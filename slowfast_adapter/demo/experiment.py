@@ -39,7 +39,7 @@ from .quickstart import answer_batch
 
 @dataclass
 class DemoConfig:
-    """Defaults of `slowfast-adapter demo` (sized for about 10 minutes on 2 CPU cores)."""
+    """Defaults of `slowfast-adapter demo` (sized for 1 to 2 minutes on 2 quiet CPU cores)."""
 
     output_dir: str = "demo-output"
     native_frames: int = 8

@@ -34,7 +34,7 @@ import torch
 from accelerate import Accelerator
 from lmms_eval.api.model import lmms
 from PIL import Image
-from slowfast_adapter import SlowFastConfig, SlowFastModel, wrap
+from slowfast_adapter import EncodedVideos, SlowFastConfig, SlowFastModel, wrap
 from slowfast_adapter.training.video import VideoClip, read_clip, uniform_indices
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -212,14 +212,23 @@ class SlowFastLMM(lmms):
         for group in self._sub_batches(rows, cache):
             media = self._media()
             inputs = self._inputs([self._prompt(*rows[i], cache, media) for i in group], media)
+            paths = [str(visual) for i in group for visual in rows[i][1]]
+            reuse = {"encoded": self._encode(inputs)} if len(set(paths)) < len(paths) else {}  # a video asked again
             with self._mode():
-                output = self.model.generate(**inputs, **generate)
+                output = self.model.generate(**inputs, **generate, **reuse)
             texts = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(group, texts, strict=True):
                 for stop in until:
                     text = text.split(stop)[0] if stop else text
                 answers[i] = text.strip()
         return answers
+
+    def _encode(self, inputs: dict) -> EncodedVideos | None:
+        """The batch's videos encoded once (vision tower, slow K/V) for every question about them; None for the
+        base model (`adapter=none`), which encodes its own native tokens."""
+        if not isinstance(self.model, SlowFastModel) or inputs.get("pixel_values_videos") is None:
+            return None
+        return self.model.encode(**inputs)
 
     # ------------------------------------------------------------------------------------------- lmms-eval API
     def generate_until(self, requests) -> list[str]:
@@ -251,13 +260,13 @@ class SlowFastLMM(lmms):
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         args = [r.args for r in requests]
         visuals = [self._visuals(*a[2:]) for a in args]
-        cache, last = {}, None
+        cache, last, encoded = {}, None, None
         for i in sorted(range(len(args)), key=lambda i: [str(v) for v in visuals[i]]):
             question, continuation, _, doc_id, task, split = args[i]
             if callable(continuation):
                 continuation = continuation(self.task_dict[task][split][doc_id])
             if visuals[i] != last:
-                cache, last = {}, visuals[i]
+                cache, last, encoded = {}, visuals[i], None
             media = self._media()
             prompt = self._prompt(question, visuals[i], cache, media)
             inputs = self._inputs([prompt + continuation], media)
@@ -265,8 +274,10 @@ class SlowFastLMM(lmms):
             count = len(tokens(prompt + continuation)["input_ids"]) - len(tokens(prompt)["input_ids"])
             if count < 1:
                 raise ValueError(f"Empty continuation for request {i}: {continuation!r}.")
+            encoded = encoded or self._encode(inputs)  # the same video's other continuations reuse it
             with self._mode():
-                logits = self.model(**inputs).logits[0, -count - 1 : -1].float()  # fitted sequence: same tail
+                reuse = {"encoded": encoded} if encoded is not None else {}
+                logits = self.model(**inputs, **reuse).logits[0, -count - 1 : -1].float()  # fitted sequence: same tail
             target = inputs["input_ids"][0, -count:]
             logprobs = torch.log_softmax(logits, dim=-1)
             results[i] = (
