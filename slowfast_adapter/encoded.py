@@ -8,6 +8,12 @@ one video several questions in one batch, or list the videos in another order: w
 encoded as usual. The answer is the same, logit for logit, as without `encoded` (tests/test_encoded.py).
 
 Only the slow-fast path reads the cache: under `disable_adapter()` the base encodes its native tokens itself.
+
+Prompt prefix: when `encode` is given a one-prompt processor output, it also runs the LLM over the prompt up to
+its last visual token (system prompt, user turn start, the fast video tokens) and keeps that KV cache. A later
+one-prompt `generate` whose fitted prompt starts with the same tokens starts from a copy of it and prefills only
+the rest (the question). Same tokens; logits equal up to float rounding (the prefix's K/V came from a forward
+over fewer tokens). Used only in the slow-fast mode and while every parameter is as it was at `encode`.
 """
 
 from __future__ import annotations
@@ -62,23 +68,37 @@ class EncodedVideos:
     slow_kv: (adapter module id, layer index, fingerprint) -> ([S, 2 * H_kv * hd] K/V, parameter state); an
     entry is used only while the branch's and norm's parameters are the ones it was projected with (training
     after `encode` changes them in place, so their version counters move and the K/V are projected again).
-    stats: "hits" / "misses": videos taken from the cache / encoded, over `encode` and every call that used it.
+    stats: "hits" / "misses": videos taken from the cache / encoded, over `encode` and every call that used it;
+    "prefix_hits": `generate` calls that started from a cached prompt prefix.
+    prefixes: fitted prefix ids -> `PromptPrefix` (see the module docstring).
     """
 
     owner: int
     projector: str | None
     videos: dict[str, VideoFeatures] = field(default_factory=dict)
     slow_kv: dict[tuple[int, int, str], tuple[torch.Tensor, tuple]] = field(default_factory=dict)
-    stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
+    stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0, "prefix_hits": 0})
+    prefixes: dict[tuple[int, ...], PromptPrefix] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.videos)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: video features plus slow K/V."""
+        """Bytes held: video features, slow K/V and prompt-prefix KV caches."""
         kv = sum(t.numel() * t.element_size() for t, _ in self.slow_kv.values())
-        return sum(video.nbytes for video in self.videos.values()) + kv
+        prefixes = sum(surface.cache_nbytes(prefix.cache) for prefix in self.prefixes.values())
+        return sum(video.nbytes for video in self.videos.values()) + kv + prefixes
+
+    def prefix_for(self, input_ids: torch.Tensor, parameters: tuple) -> PromptPrefix | None:
+        """The cached prefix that the one-row fitted prompt `input_ids` [1, L] continues (None: none fits)."""
+        if input_ids.shape[0] != 1:
+            return None
+        ids = input_ids[0].tolist()
+        for key, prefix in self.prefixes.items():
+            if len(key) < len(ids) and tuple(ids[: len(key)]) == key and prefix.parameters == parameters:
+                return prefix
+        return None
 
     def __repr__(self) -> str:
         return f"EncodedVideos({len(self)} videos, {len(self.slow_kv)} slow K/V, {self.nbytes / 2**20:.1f} MiB)"
@@ -100,6 +120,30 @@ class EncodedVideos:
                 f"`encoded` holds features from the projector of adapter {self.projector!r}, but the active "
                 f"adapter uses {projector!r}'s: encode the videos again after `set_adapter`."
             )
+
+
+@dataclass
+class PromptPrefix:
+    """The LLM's KV cache over a prompt's first tokens, up to and including its last visual token.
+
+    cache: the `transformers.Cache` after the prefix (copied for every use); parameters: the model's parameters
+    state when it was computed (`parameters_state`)."""
+
+    cache: Any
+    parameters: tuple
+
+
+def parameters_state(module: torch.nn.Module) -> tuple:
+    """Every parameter's identity and in-place version counter: changes when anything is trained or loaded."""
+    return _parameters_state(list(module.parameters()))
+
+
+PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "token_type_ids")
+
+
+def prefix_inputs(model_inputs: dict[str, Any], length: int) -> dict[str, Any]:
+    """The base-model inputs of the first `length` tokens of a one-row prompt (per-token inputs cut)."""
+    return {k: v[..., :length] if k in PER_TOKEN_INPUTS and torch.is_tensor(v) else v for k, v in model_inputs.items()}
 
 
 def encoded_items(

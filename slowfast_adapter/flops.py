@@ -186,11 +186,13 @@ def count_language_model(
     query_mask: torch.Tensor | None = None,
     slow_tokens: int = 0,
     reproject_slow_kv: bool = False,
+    cached_prefix: int = 0,
 ) -> LanguageCounts:
     """FLOPs of the LLM over one sequence of `sequence_length` tokens and of one decode step after it.
 
     `model` is a meta `SlowFastModel`. With `slow_tokens` > 0 its hybrid hooks run: query_mask [L] bool
-    says which prompt tokens query the slow tokens (generated tokens always do).
+    says which prompt tokens query the slow tokens (generated tokens always do). cached_prefix: the first tokens
+    come from a prompt-prefix KV cache (`SlowFastModel.encode`): they run uncounted, the prefill counts the rest.
     """
     base = model.base_model
     text = model.family.text_config(base)
@@ -211,12 +213,15 @@ def count_language_model(
         base.lm_head(hidden[:, -1:])
 
     with _RealIndexMetaMode(), activated(context):
-        prefill = count_flops(lambda: step(sequence_length))[0]
+        if cached_prefix:
+            step(cached_prefix)
+        prefill = count_flops(lambda: step(sequence_length - cached_prefix))[0]
         decode = count_flops(lambda: step(1))[0]
+    first = 2 if cached_prefix else 1  # the counted steps
     if context is not None:  # the counts must include the slow path: every hybrid layer read it in both steps
-        reads = sorted((step, layer) for step, layer, _ in context.reads)
-        expected = sorted((step, layer) for step in (1, 2) for layer in model.hybrid_layer_indices)
-        if reads != expected or context.stats["steps"] != 2:
+        reads = sorted((step, layer) for step, layer, _ in context.reads if step >= first)
+        expected = sorted((step, layer) for step in (first, first + 1) for layer in model.hybrid_layer_indices)
+        if reads != expected or context.stats["steps"] != first + 1:
             raise RuntimeError(f"The hybrid layers did not read the slow tokens in both counted steps: {reads}.")
     return LanguageCounts(prefill, decode, kv_flops)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from torch import nn
 from . import adapter_io, hub, lora, state, surface
 from .adapters import SlowFastAdapter
 from .config import SlowFastConfig
-from .encoded import EncodedVideos
+from .encoded import EncodedVideos, PromptPrefix, parameters_state, prefix_inputs
 from .families import ModelFamily, PreparedInputs, family_for
 from .files import DEFAULT_ADAPTER, LORA_SUBFOLDER, AdapterError
 from .hybrid import HybridLayerHooks, register_step_hook
@@ -132,8 +133,17 @@ class SlowFastModel(nn.Module):
             with state.activated(None):
                 return self.base_model.generate(input_ids=input_ids, **inputs)
         prepared = self.prepare_inputs(input_ids=input_ids, encoded=encoded, **inputs)
+        model_inputs = prepared.model_inputs
+        prefix = None
+        if encoded is not None and mode == "slowfast":
+            prefix = encoded.prefix_for(prepared.input_ids, parameters_state(self))
+        if prefix is not None:  # start from the prompt prefix's KV cache: only the rest of the prompt is prefilled
+            encoded.stats["prefix_hits"] += 1
+            model_inputs = {k: v for k, v in model_inputs.items() if k != surface.ENCODER_OUTPUTS_KWARG}
+            model_inputs[surface.cache_kwarg(self.base_model)] = copy.deepcopy(prefix.cache)
+            self.family.forget_generate_state(self.base_model)
         with state.activated(self._slow_context(prepared, encoded) if mode == "slowfast" else None):
-            output = self.base_model.generate(**prepared.model_inputs)
+            output = self.base_model.generate(**model_inputs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         new_tokens = sequences[:, prepared.input_ids.shape[1] :]
         prompt = input_ids.to(sequences.device).repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
@@ -149,19 +159,45 @@ class SlowFastModel(nn.Module):
         `forward`/`generate(..., encoded=...)` calls about the same videos.
 
         Runs the vision tower and projector on each video not yet in `into` and projects every hybrid layer's
-        slow K/V (active adapter). Returns `into` (or a new `EncodedVideos`) with them added; its `nbytes` says
-        what it holds. Follow-up calls still pass the processor's output for their prompt (same pixels).
+        slow K/V (active adapter). Given one prompt (`input_ids` of one row), it also keeps the LLM's KV cache of
+        the prompt up to its last visual token, which a later one-prompt `generate` starting with the same tokens
+        continues from. Returns `into` (or a new `EncodedVideos`) with them added; its `nbytes` says what it
+        holds. Follow-up calls still pass the processor's output for their prompt (same pixels).
         """
         self._check_wrapped()
         encoded = into if into is not None else EncodedVideos(owner=id(self), projector=self._projector_adapter())
         encoded.check_owner(id(self), self._projector_adapter())
-        inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
-        slow = self.family.encode_videos(self.base_model, self.slowfast_config, inputs, encoded)
+        videos = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
+        slow = self.family.encode_videos(self.base_model, self.slowfast_config, videos, encoded)
         if slow is not None:
             self.slow_context(
                 slow, torch.zeros(slow.mask.shape[0], 0, dtype=torch.bool), encoded=encoded, store_kv=True
             )
+        input_ids = inputs.get("input_ids")
+        if (
+            slow is not None
+            and input_ids is not None
+            and input_ids.shape[0] == 1
+            and state.current_mode(id(self)) == "slowfast"
+        ):
+            self._encode_prefix(inputs, encoded)
         return encoded
+
+    def _encode_prefix(self, inputs: dict[str, Any], encoded: EncodedVideos) -> None:
+        """Keep the KV cache of the one-row prompt up to its last visual token (see `encoded.py`)."""
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        counts = dict(encoded.stats)
+        prepared = self.prepare_inputs(encoded=encoded, **inputs)  # every video is cached by now
+        encoded.stats.update(counts)  # reading what `encode` just stored is not a reuse
+        visual = prepared.visual_mask[0].nonzero()
+        length = int(visual[-1]) + 1
+        if length >= prepared.input_ids.shape[1]:
+            return  # nothing after the video to ask
+        context = self._slow_context(prepared, encoded)
+        with state.activated(context):
+            output = self.base_model(**prefix_inputs(prepared.model_inputs, length), use_cache=True, logits_to_keep=1)
+        key = tuple(prepared.input_ids[0, :length].tolist())
+        encoded.prefixes[key] = PromptPrefix(surface.output_cache(output), parameters_state(self))
 
     def _projector_adapter(self) -> str | None:
         """The adapter whose projector copy encodes videos now (None: the base's own projector)."""

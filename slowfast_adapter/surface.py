@@ -242,3 +242,17 @@ def tensor_version(tensor: torch.Tensor) -> int:
     if not isinstance(version, int):
         raise changed("torch.Tensor._version", "cached slow K/V can no longer tell when the adapter was trained.")
     return version
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes held by a KV cache's tensors (`cache.layers[i].keys / .values`)."""
+    layers = _attribute(cache, "layers", type(cache).__name__)
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def forget_rope_deltas(model: nn.Module) -> None:
+    """Qwen-VL: drop the M-RoPE offset `model.model.rope_deltas` that `generate` kept from an earlier call, so a
+    generate that starts from a prompt-prefix cache computes every position from its own prompt."""
+    inner = _attribute(model, "model", type(model).__name__)
+    _attribute(inner, "rope_deltas", type(inner).__name__)
+    inner.rope_deltas = None

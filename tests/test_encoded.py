@@ -10,7 +10,7 @@ from conftest import make_inputs
 from test_generation import perturb_branches
 
 import slowfast_adapter as sfa
-from slowfast_adapter import surface
+from slowfast_adapter import state, surface
 
 SAMPLES = [("video", "What color is the star?"), ("Tell me", "video", "is it red or blue? Answer in one word please.")]
 OTHER_QUESTIONS = [("video", "Where is the star?"), ("Describe", "video", "in three words.")]
@@ -70,7 +70,7 @@ def test_generate_with_encoded_videos_equals_encoding_again(model, processor, co
         assert torch.equal(logits, expected_logits)  # bit for bit: the same kernels on the same pixels
         with model.slow_path_disabled():  # the slow path matters here, so reuse was tested on it
             assert not torch.equal(_generate(model, inputs)[1], logits)
-    assert encoded.stats == {"hits": 4, "misses": 2}  # the misses: `encode` itself
+    assert encoded.stats == {"hits": 4, "misses": 2, "prefix_hits": 0}  # misses: `encode`; 2 prompts: no prefix
 
 
 @torch.no_grad()
@@ -87,7 +87,7 @@ def test_a_batch_may_mix_cached_and_new_videos_and_repeat_one(model, processor, 
     mixed = make_inputs(processor, [SAMPLES[0], SAMPLES[1], OTHER_QUESTIONS[0]], video_seeds=[3, 7, 7])
     counters.update(videos=0)
     sequences, logits = _generate(model, mixed, encoded=encoded)
-    assert counters["videos"] == 1 and encoded.stats == {"hits": 2, "misses": 2}  # `encode` + the new video
+    assert counters["videos"] == 1 and encoded.stats == {"hits": 2, "misses": 2, "prefix_hits": 0}
     expected_sequences, expected_logits = _generate(model, mixed)
     assert torch.equal(sequences, expected_sequences)
     # The new video went through the tower alone instead of with the others: float rounding only.
@@ -118,3 +118,30 @@ def test_encoded_belongs_to_one_model_and_projector(model, processor, base):
         model(**inputs, encoded=encoded)
     with model.disable_adapter():  # the base encodes its own native tokens: `encoded` is not read
         torch.testing.assert_close(model(**inputs, encoded=encoded).logits, base(**inputs).logits, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_one_prompt_generate_continues_the_prompt_prefix_cache(model, processor):
+    """`encode` of one prompt keeps the KV cache up to the video's last token; a later question about the same video
+    prefills only its own tokens and gives the same answer. Training after `encode` retires the prefix."""
+    encoded = model.encode(**make_inputs(processor, SAMPLES[:1]))
+    assert len(encoded.prefixes) == 1
+    inputs = make_inputs(processor, OTHER_QUESTIONS[:1])
+    with state.recording() as contexts:
+        sequences, logits = _generate(model, inputs, encoded=encoded)
+    assert encoded.stats["prefix_hits"] == 1
+    (prefix,) = encoded.prefixes
+    prompt_length = contexts[0].prompt_query_mask.shape[1]
+    prefill_reads = [int(per_row) for step, _, per_row in contexts[0].reads if step == 1]
+    assert prefill_reads == [prompt_length - len(prefix)] * len(model.hybrid_layer_indices)  # only the question ran
+    expected_sequences, expected_logits = _generate(model, inputs)
+    assert torch.equal(sequences, expected_sequences)
+    # The prefix's K/V came from a forward over its own tokens instead of the whole prompt: float rounding only.
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-4)
+    with model.slow_path_disabled():  # not in another mode: the prefix holds the slow path's effect
+        _generate(model, inputs, encoded=encoded)
+    with torch.no_grad():
+        model.slow_branches[str(model.hybrid_layer_indices[0])].attn_gate.add_(0.1)  # an optimizer step
+    after_sequences, after_logits = _generate(model, inputs, encoded=encoded)
+    assert encoded.stats["prefix_hits"] == 1, "a prefix computed with other parameters was used"
+    assert torch.equal(after_logits, _generate(model, inputs)[1])

@@ -152,7 +152,11 @@ def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
     batched = lmm.generate_until(requests)
     assert len(reads) == 3  # video 0 asked twice, decoded once
     (encoded,) = encodes  # ... and encoded once: 3 videos through the tower (video 0's repeat is a hit), and
-    assert encoded.stats == {"hits": 1 + 4, "misses": 3}  # generate took all 4 rows' videos from the cache
+    assert encoded.stats == {
+        "hits": 1 + 4,
+        "misses": 3,
+        "prefix_hits": 0,
+    }  # generate took all 4 rows' videos from the cache
     lmm.batch_size = 1
     assert lmm.generate_until(requests) == batched
     frames = [Image.fromarray(frame) for frame in random_video(8, seed=5)]  # MVBench-style frame folder
@@ -198,5 +202,9 @@ def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
         logits = torch.log_softmax(model(**full).logits[0, -count - 1 : -1].float(), dim=-1)
     target = full["input_ids"][0, -count:]
     assert logprob == pytest.approx(float(logits.gather(-1, target[:, None]).sum()), abs=1e-4)
-    assert encodes[-1].stats == {"hits": 2, "misses": 1}  # both continuations' forwards reused one encoding
+    assert encodes[-1].stats == {
+        "hits": 2,
+        "misses": 1,
+        "prefix_hits": 0,
+    }  # both continuations' forwards reused one encoding
     assert greedy == bool((logits.argmax(-1) == target).all())

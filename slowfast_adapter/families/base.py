@@ -117,6 +117,9 @@ class ModelFamily:
         ]
         return SlowTokens.pack(items, batch_size=len(items))
 
+    def forget_generate_state(self, model: nn.Module) -> None:
+        """Drop what the base's `generate` keeps between calls (none here; Qwen-VL's M-RoPE offset)."""
+
     # FLOP counting (`flops.py`): the video layout and the vision path on meta tensors.
     vision_cost_per_unit = False
     """True when the tower encodes each unit on its own (cost linear in units: counted for 1 and 2 units)."""

@@ -165,6 +165,9 @@ class Qwen2VLFamily(ModelFamily):
         tags = [str(grid) for grid in grids.tolist()]
         return encoded_items(list(per_video), encode, encoded, tags=tags, store=store)
 
+    def forget_generate_state(self, model: nn.Module) -> None:
+        surface.forget_rope_deltas(model)
+
     def slow_video_tokens(self, video: VideoFeatures) -> torch.Tensor:
         return video.native
 
