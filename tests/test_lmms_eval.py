@@ -147,8 +147,8 @@ def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
         Request(d["question"], dict(gen), lambda doc: [doc["video"]], i, "t", "test") for i, d in enumerate(docs)
     ]
     encodes = []
-    monkeypatch.setattr(lmm, "_encode", lambda inputs: encodes.append(plugin_model.SlowFastLMM._encode(lmm, inputs))
-                        or encodes[-1])  # fmt: skip
+    monkeypatch.setattr(lmm, "_encode", lambda inputs, **kw: encodes.append(plugin_model.SlowFastLMM._encode(
+        lmm, inputs, **kw)) or encodes[-1])  # fmt: skip
     batched = lmm.generate_until(requests)
     assert len(reads) == 3  # video 0 asked twice, decoded once
     (encoded,) = encodes  # ... and encoded once: 3 videos through the tower (video 0's repeat is a hit), and
@@ -159,6 +159,8 @@ def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
     }  # generate took all 4 rows' videos from the cache
     lmm.batch_size = 1
     assert lmm.generate_until(requests) == batched
+    # One question per batch, sorted by video: video 0's second question continued the first one's prompt prefix.
+    assert [e.stats["prefix_hits"] for e in encodes[1:]] == [2, 1, 1]
     frames = [Image.fromarray(frame) for frame in random_video(8, seed=5)]  # MVBench-style frame folder
     (answer,) = lmm.generate_until([Request("What is it?", dict(gen), lambda doc: frames, 0, "t", "test")])
     assert isinstance(answer, str)

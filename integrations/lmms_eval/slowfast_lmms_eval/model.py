@@ -107,6 +107,7 @@ class SlowFastLMM(lmms):
             model = base
         self.model = model.eval()
         self._mode = nullcontext if self.slow_path else model.slow_path_disabled
+        self._encoded: tuple[list[str], EncodedVideos | None] = ([], None)  # the last batch's videos, encoded
 
         video_processor = getattr(self.processor, "video_processor", None)
         patch = getattr(video_processor, "temporal_patch_size", None) or 1
@@ -212,9 +213,12 @@ class SlowFastLMM(lmms):
         for group in self._sub_batches(rows, cache):
             media = self._media()
             inputs = self._inputs([self._prompt(*rows[i], cache, media) for i in group], media)
-            paths = [str(visual) for i in group for visual in rows[i][1]]
-            reuse = {"encoded": self._encode(inputs)} if len(set(paths)) < len(paths) else {}  # a video asked again
+            paths = sorted({str(visual) for i in group for visual in rows[i][1]})
             with self._mode():
+                if self._encoded[0] != paths:  # requests come sorted by video: keep the last batch's videos
+                    self._encoded = (paths, self._encode(inputs))
+                encoded = self._encoded[1]
+                reuse = {"encoded": encoded} if encoded is not None else {}
                 output = self.model.generate(**inputs, **generate, **reuse)
             texts = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(group, texts, strict=True):
@@ -223,11 +227,14 @@ class SlowFastLMM(lmms):
                 answers[i] = text.strip()
         return answers
 
-    def _encode(self, inputs: dict) -> EncodedVideos | None:
-        """The batch's videos encoded once (vision tower, slow K/V) for every question about them; None for the
-        base model (`adapter=none`), which encodes its own native tokens."""
+    def _encode(self, inputs: dict, *, prompt: bool = True) -> EncodedVideos | None:
+        """The batch's videos encoded once (vision tower, slow K/V, and for a one-question batch the prompt's KV
+        cache up to the video) for every question about them; None for the base model (`adapter=none`), which
+        encodes its own native tokens. prompt=False: the videos only."""
         if not isinstance(self.model, SlowFastModel) or inputs.get("pixel_values_videos") is None:
             return None
+        if not prompt:
+            inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         return self.model.encode(**inputs)
 
     # ------------------------------------------------------------------------------------------- lmms-eval API
@@ -274,7 +281,7 @@ class SlowFastLMM(lmms):
             count = len(tokens(prompt + continuation)["input_ids"]) - len(tokens(prompt)["input_ids"])
             if count < 1:
                 raise ValueError(f"Empty continuation for request {i}: {continuation!r}.")
-            encoded = encoded or self._encode(inputs)  # the same video's other continuations reuse it
+            encoded = encoded or self._encode(inputs, prompt=False)  # the video's other continuations reuse it
             with self._mode():
                 reuse = {"encoded": encoded} if encoded is not None else {}
                 logits = self.model(**inputs, **reuse).logits[0, -count - 1 : -1].float()  # fitted sequence: same tail
