@@ -126,6 +126,8 @@ def test_one_prompt_generate_continues_the_prompt_prefix_cache(model, processor)
     prefills only its own tokens and gives the same answer. Training after `encode` retires the prefix."""
     encoded = model.encode(**make_inputs(processor, SAMPLES[:1]))
     assert len(encoded.prefixes) == 1
+    videos_only = model.encode(**{k: v for k, v in make_inputs(processor, SAMPLES[:1]).items() if k != "input_ids"})
+    assert not videos_only.prefixes and encoded.nbytes > videos_only.nbytes  # the prefix's KV cache is counted
     inputs = make_inputs(processor, OTHER_QUESTIONS[:1])
     with state.recording() as contexts:
         sequences, logits = _generate(model, inputs, encoded=encoded)
