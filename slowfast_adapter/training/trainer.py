@@ -115,19 +115,40 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if DTensor is not None and isinstance(tensor, DTensor) else tensor
 
 
+def _zero3_partitioned(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters DeepSpeed ZeRO-3 partitioned (they carry a `ds_id`); [] for any other engine."""
+    return [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+
+
+@contextlib.contextmanager
+def _zero3_gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """DeepSpeed's `GatheredParameters` (collective) when there are ZeRO-3 partitions, else nothing."""
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A snapshot of every trainable parameter of `model`, by name: contiguous CPU copies (never views).
 
-    Under FSDP2 the parameters are gathered whole (a collective: call it on every rank)."""
-    return {
-        n: _full(p.detach()).to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad
-    }
+    Under FSDP2 and ZeRO-3 the parameters are gathered whole (a collective: call it on every rank)."""
+    with _zero3_gathered(_zero3_partitioned(model)):
+        return {
+            n: _full(p.detach()).to("cpu", copy=True).contiguous()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
 
 
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy `tensors` (from `trainable_state`) into `model`'s trainable parameters; the names must match.
 
-    Under FSDP2 each rank keeps its own shard of the whole tensors (every rank must hold all of `tensors`)."""
+    Under FSDP2 each rank keeps its own shard of the whole tensors (every rank must hold all of `tensors`); under
+    ZeRO-3 rank 0's copy is partitioned to all (collective)."""
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(tensors) != expected:
@@ -135,7 +156,7 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
             f"Checkpoint parameters do not match this run: missing {sorted(expected - set(tensors))}, "
             f"unexpected {sorted(set(tensors) - expected)}. Resume with the recipe that wrote the checkpoint."
         )
-    with torch.no_grad():
+    with torch.no_grad(), _zero3_gathered(_zero3_partitioned(model), modifier_rank=0):
         for name, tensor in tensors.items():
             param = params[name]
             if DTensor is not None and isinstance(param, DTensor):  # this rank's shard, no communication
@@ -149,10 +170,16 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
 def gathered_trainable(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
     """Inside: `model`'s trainable parameters that FSDP2 holds sharded are whole tensors (`tensors`, by default
     `trainable_state(model)`), so `save_pretrained` and `state_dict` write full adapter files; the frozen base
-    stays sharded. Gathering is collective: enter it on every rank. Without FSDP2 it does nothing.
+    stays sharded. Gathering is collective: enter it on every rank. Without FSDP2 or ZeRO-3 it does nothing.
 
-    FSDP2's `unshard()` is not enough: module state dicts still return the DTensor shards. So the registered
-    parameters are swapped for the gathered tensors for the duration and put back after."""
+    ZeRO-3: DeepSpeed's `GatheredParameters`. FSDP2: its `unshard()` is not enough, module state dicts still
+    return the DTensor shards; so the registered parameters are swapped for the gathered tensors for the duration
+    and put back after."""
+    partitioned = _zero3_partitioned(model)
+    if partitioned:
+        with _zero3_gathered(partitioned):
+            yield
+        return
     sharded = [
         (name, module, attr, param)
         for module_name, module in model.named_modules()
@@ -208,7 +235,11 @@ def make_accelerator(args: TrainArgs, *, cpu: bool = False) -> Accelerator:
     launch config; with several processes and `ACCELERATE_USE_FSDP=true` (what `accelerate launch` sets for
     `distributed_type: FSDP`) we switch its state to FSDP, which torch's FSDP2 runs on gloo (see `_fsdp_on_cpu`).
     """
-    on_cpu = cpu or not torch.cuda.is_available()
+    # DeepSpeed runs on the CPU through its own CPU accelerator, but accelerate enables it only without cpu=True
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    on_cpu = (cpu or not torch.cuda.is_available()) and not deepspeed
+    if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        PartialState(backend="gloo")  # else accelerate finds no backend and each process trains alone
     accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=_mixed_precision(args.mixed_precision),
@@ -336,7 +367,8 @@ class Trainer:
         # Checkpoints hold the trainable tensors only, never the frozen base: accelerate would write/read the
         # whole model. Under FSDP (FSDP2) accelerate's save_state has no such hook: the trainable tensors and the
         # optimizer state are gathered whole (`_save_sharded`) and resharded on resume, so a checkpoint is the
-        # same few files as a one-process run's. DeepSpeed keeps its own engine checkpoints.
+        # same few files as a one-process run's. DeepSpeed keeps its own engine checkpoint (optimizer partitions
+        # per rank), written without the frozen parameters.
         self.sharded = accelerator.distributed_type == DistributedType.FSDP
         self.own_weights = accelerator.distributed_type != DistributedType.DEEPSPEED
         if self.own_weights and not self.sharded:
@@ -354,6 +386,8 @@ class Trainer:
             )
         if self.sharded:
             self._load_sharded(checkpoint)
+        elif self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self.accelerator.load_state(str(checkpoint), load_module_strict=False)  # saved without the frozen base
         else:
             self.accelerator.load_state(str(checkpoint))
         if self.own_weights:
@@ -446,9 +480,11 @@ class Trainer:
         accelerator.wait_for_everyone()
         if self.sharded:
             self._save_sharded(tmp)
+        elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+            accelerator.save_state(str(tmp), exclude_frozen_parameters=True)  # the engine's files, no base weights
         else:
             accelerator.save_state(str(tmp))
-        tensors = trainable_state(self.unwrapped) if self.sharded or accelerator.is_main_process else None
+        tensors = trainable_state(self.unwrapped)  # on every rank: gathering FSDP2/ZeRO-3 shards is collective
         with gathered_trainable(self.unwrapped, tensors):  # FSDP: whole adapter tensors for save_pretrained
             if accelerator.is_main_process:
                 self.unwrapped.save_pretrained(tmp / "adapter")
