@@ -19,8 +19,8 @@ unit that owns them; outside, a parameter can be an empty shard. The hooks run i
 `gate_proj`). That keeps one code path for every engine, with nothing to register per engine.
 One base module is called outside its own unit's forward: the layer's `input_layernorm`, when the slow K/V are
 projected up front (before the decoder runs). ZeRO-3 gathers it in the norm's own pre-hook; under FSDP2 it
-belongs to the decoder layer's unit and is still sharded there, so `call_unsharded` runs it on the gathered
-weight (`DTensor.full_tensor`, differentiable; no copy is kept).
+belongs to the decoder layer's unit and is still sharded there, so `unsharded` runs it on the gathered weight
+(`DTensor.full_tensor`, differentiable; no copy is kept).
 """
 
 from __future__ import annotations
@@ -127,15 +127,18 @@ def default_query_states(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return query.transpose(1, 2)
 
 
-def call_unsharded(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-    """`module(*args)`, with any of its parameters that FSDP2 holds sharded (DTensors) gathered for this call.
+def unsharded(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """`module` as a callable whose parameters that FSDP2 holds sharded (DTensors) are gathered, once, here.
 
     FSDP2 unshards a unit's parameters only around the forward of the module it wrapped; a submodule called
-    from elsewhere (here: a decoder layer's norm, before the decoder runs) would see DTensor shards."""
+    from elsewhere (here: a decoder layer's norm, before the decoder runs) would see DTensor shards. Gathering
+    is collective: it happens once per call of this function (not per chunk of tokens), so ranks whose batches
+    hold different numbers of slow tokens still make the same collective calls."""
     sharded = {name: p for name, p in module.named_parameters() if DTensor is not None and isinstance(p, DTensor)}
     if not sharded:
-        return module(*args)
-    return torch.func.functional_call(module, {name: p.full_tensor() for name, p in sharded.items()}, args)
+        return module
+    whole = {name: p.full_tensor() for name, p in sharded.items()}
+    return lambda *args: torch.func.functional_call(module, whole, args)
 
 
 def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -215,9 +218,10 @@ class HybridLayerHooks:
         call, so the normalised tokens are never held all at once (long videos)."""
         rows = torch.cat([torch.full((it.length,), it.row, dtype=torch.long) for it in items]).to(tokens.device)
         positions = torch.cat([torch.arange(it.start, it.start + it.length) for it in items]).to(tokens.device)
+        norm = unsharded(self.norm)
         for begin in range(0, rows.numel(), KV_CHUNK_TOKENS):
             r, p = rows[begin : begin + KV_CHUNK_TOKENS], positions[begin : begin + KV_CHUNK_TOKENS]
-            normed = call_unsharded(self.norm, tokens[r, p])  # [n, D]
+            normed = norm(tokens[r, p])  # [n, D]
             kv[r, p] = self.branch.project_tokens(normed)  # [n, 2 * H_kv * hd]
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
