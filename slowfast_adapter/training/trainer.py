@@ -488,6 +488,7 @@ class Trainer:
         with gathered_trainable(self.unwrapped, tensors):  # FSDP: whole adapter tensors for save_pretrained
             if accelerator.is_main_process:
                 self.unwrapped.save_pretrained(tmp / "adapter")
+        accelerator.wait_for_everyone()  # every rank's files (RNG states, engine partitions) are written
         if accelerator.is_main_process:
             if self.own_weights:
                 save_file(tensors, str(tmp / TRAINABLE), metadata={"format": "pt"})
