@@ -77,7 +77,10 @@ def base_identity(model: nn.Module, projector_paths: tuple[str, ...] = ()) -> di
             except AttributeError:
                 shapes[path] = None  # this base has no such module
                 continue
-            shapes.update({f"{path}.{name}": list(param.shape) for name, param in module.named_parameters()})
+            # DeepSpeed ZeRO-3 partitions frozen weights too: `ds_shape` is the whole shape (a DTensor's `shape` is)
+            shapes.update(
+                {f"{path}.{name}": list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
+            )
         identity["projector_shapes"] = shapes
     return identity
 

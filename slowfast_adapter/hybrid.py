@@ -10,6 +10,17 @@ unchanged decoder layer of the base model with two forward pre-hooks:
    `o_proj`, with `gate = tanh(Linear(self_attn_output)) * tanh(alpha)` and alpha initialised to 0.
 
 Without an active `SlowContext` for this model both hooks do nothing, so the base model runs untouched.
+
+Sharded training (FSDP, DeepSpeed ZeRO-3) materialises a parameter only around a call of a module that holds it:
+ZeRO-3 gathers a module's own parameters in that module's forward pre-hook, FSDP around the forward of the
+unit that owns them; outside, a parameter can be an empty shard. The hooks run inside *other* modules' calls
+(`self_attn`, `o_proj`), so they never read a branch parameter directly: the K/V projection is a call of
+`branch.kv_proj`, the gate a call of the branch itself (`SlowBranch.forward`, which reads `attn_gate` and calls
+`gate_proj`). That keeps one code path for every engine, with nothing to register per engine.
+One base module is called outside its own unit's forward: the layer's `input_layernorm`, when the slow K/V are
+projected up front (before the decoder runs). ZeRO-3 gathers it in the norm's own pre-hook; under FSDP2 it
+belongs to the decoder layer's unit and is still sharded there, so `unsharded` runs it on the gathered weight
+(`DTensor.full_tensor`, differentiable; no copy is kept).
 """
 
 from __future__ import annotations
@@ -19,6 +30,11 @@ from collections.abc import Callable
 import torch
 from einops import rearrange
 from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = None
 
 from . import surface
 from .attention import slow_cross_attention
@@ -74,12 +90,20 @@ class SlowBranch(nn.Module):
         key, value = rearrange(kv, "b s (two h d) -> two b h s d", two=2, d=self.head_dim)
         return key, value
 
-    def gate(self, attn_output: torch.Tensor) -> torch.Tensor:
-        """attn_output [B, L, heads * hd] (before o_proj) -> gate [B, L, 1]."""
+    def forward(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """The gate: attn_output [B, L, heads * hd] (before o_proj) -> gate [B, L, 1].
+
+        `attn_gate` is read only here, inside a call of this module, where sharding engines have gathered it
+        (see the module docstring); call the module (or `gate`), never read `attn_gate` from a hook."""
         alpha = torch.tanh(self.attn_gate)
         if self.gate_proj is None:
             return alpha.expand(*attn_output.shape[:-1], 1)
+        # `.dtype` of a sharded parameter is its true dtype even where its data is an empty shard
         return torch.tanh(self.gate_proj(attn_output.to(self.gate_proj.weight.dtype))) * alpha
+
+    def gate(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """attn_output [B, L, heads * hd] (before o_proj) -> gate [B, L, 1], through a call of this module."""
+        return self(attn_output)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +125,20 @@ def default_query_states(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if q_norm is not None:
         query = q_norm(query)
     return query.transpose(1, 2)
+
+
+def unsharded(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """`module` as a callable whose parameters that FSDP2 holds sharded (DTensors) are gathered, once, here.
+
+    FSDP2 unshards a unit's parameters only around the forward of the module it wrapped; a submodule called
+    from elsewhere (here: a decoder layer's norm, before the decoder runs) would see DTensor shards. Gathering
+    is collective: it happens once per call of this function (not per chunk of tokens), so ranks whose batches
+    hold different numbers of slow tokens still make the same collective calls."""
+    sharded = {name: p for name, p in module.named_parameters() if DTensor is not None and isinstance(p, DTensor)}
+    if not sharded:
+        return module
+    whole = {name: p.full_tensor() for name, p in sharded.items()}
+    return lambda *args: torch.func.functional_call(module, whole, args)
 
 
 def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -180,9 +218,11 @@ class HybridLayerHooks:
         call, so the normalised tokens are never held all at once (long videos)."""
         rows = torch.cat([torch.full((it.length,), it.row, dtype=torch.long) for it in items]).to(tokens.device)
         positions = torch.cat([torch.arange(it.start, it.start + it.length) for it in items]).to(tokens.device)
+        norm = unsharded(self.norm)
         for begin in range(0, rows.numel(), KV_CHUNK_TOKENS):
             r, p = rows[begin : begin + KV_CHUNK_TOKENS], positions[begin : begin + KV_CHUNK_TOKENS]
-            kv[r, p] = self.branch.project_tokens(self.norm(tokens[r, p]))  # [n, D] -> [n, 2 * H_kv * hd]
+            normed = norm(tokens[r, p])  # [n, D]
+            kv[r, p] = self.branch.project_tokens(normed)  # [n, 2 * H_kv * hd]
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = active_context(self.owner)

@@ -15,13 +15,16 @@ an uninterrupted run. SIGTERM (e.g. a preempted job) saves a checkpoint at the n
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -55,6 +58,32 @@ def build_model(recipe: Recipe, base: nn.Module) -> SlowFastModel:
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+@contextlib.contextmanager
+def _whole_weights_at_load(accelerator: Accelerator) -> Iterator[None]:
+    """Load and wrap the base with whole weights on every process; DeepSpeed partitions them at `prepare`.
+
+    Under DeepSpeed ZeRO-3 accelerate always registers its config with transformers, and `from_pretrained` then
+    partitions every weight as it loads (`zero.Init`), even with `zero3_init_flag: false`. `wrap` reads the
+    base's weights (the LLM's k/v projections for `kv_init: from_llm`, the projector it copies), which would be
+    empty partitions. So the registration is lifted while loading and wrapping, as `zero3_init_flag: false` asks."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is None:
+        yield
+        return
+    if plugin.is_zero3_init_enabled():
+        raise ValueError(
+            "zero3_init_flag: true is not supported: wrapping reads the base model's weights, which zero.Init "
+            "would have partitioned. Set zero3_init_flag: false (the base is loaded whole, then partitioned)."
+        )
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -127,8 +156,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     accelerator = make_accelerator(t)
     set_seed(t.seed)
 
-    base, processor = load_base(recipe)
-    model = build_model(recipe, base)
+    with _whole_weights_at_load(accelerator):
+        base, processor = load_base(recipe)
+        model = build_model(recipe, base)
     dataset = ConversationDataset(
         d.train_file,
         processor,

@@ -17,6 +17,7 @@ With `output_dir=None` (the demo, the quickstart) nothing is written and there i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,16 +25,27 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin, PartialState
+from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from accelerate.utils import DistributedType, GradientAccumulationPlugin
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+try:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # torch built without distributed support
+    DTensor = None
 from transformers import get_scheduler
 
 from ..files import atomic_write_text
@@ -41,6 +53,7 @@ from .recipe import TrainArgs
 
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer_full.pt"
 GROUPS = ("slowfast", "lora", "projector")
 
 BatchSource = Callable[[int, int], Iterable[dict[str, Any]]]
@@ -97,13 +110,45 @@ def one_group(model: nn.Module, lr: float, name: str = "all") -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ weights on disk
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor; gathering is collective: every rank must call), else itself."""
+    return tensor.full_tensor() if DTensor is not None and isinstance(tensor, DTensor) else tensor
+
+
+def _zero3_partitioned(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters DeepSpeed ZeRO-3 partitioned (they carry a `ds_id`); [] for any other engine."""
+    return [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+
+
+@contextlib.contextmanager
+def _zero3_gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """DeepSpeed's `GatheredParameters` (collective) when there are ZeRO-3 partitions, else nothing."""
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A snapshot of every trainable parameter of `model`, by name: contiguous CPU copies (never views)."""
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """A snapshot of every trainable parameter of `model`, by name: contiguous CPU copies (never views).
+
+    Under FSDP2 and ZeRO-3 the parameters are gathered whole (a collective: call it on every rank)."""
+    with _zero3_gathered(_zero3_partitioned(model)):
+        return {
+            n: _full(p.detach()).to("cpu", copy=True).contiguous()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
 
 
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy `tensors` (from `trainable_state`) into `model`'s trainable parameters; the names must match."""
+    """Copy `tensors` (from `trainable_state`) into `model`'s trainable parameters; the names must match.
+
+    Under FSDP2 each rank keeps its own shard of the whole tensors (every rank must hold all of `tensors`); under
+    ZeRO-3 rank 0's copy is partitioned to all (collective)."""
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(tensors) != expected:
@@ -111,9 +156,48 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
             f"Checkpoint parameters do not match this run: missing {sorted(expected - set(tensors))}, "
             f"unexpected {sorted(set(tensors) - expected)}. Resume with the recipe that wrote the checkpoint."
         )
-    with torch.no_grad():
+    with torch.no_grad(), _zero3_gathered(_zero3_partitioned(model), modifier_rank=0):
         for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+            param = params[name]
+            if DTensor is not None and isinstance(param, DTensor):  # this rank's shard, no communication
+                tensor = distribute_tensor(
+                    tensor.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+                )
+            param.copy_(tensor)
+
+
+@contextlib.contextmanager
+def gathered_trainable(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+    """Inside: `model`'s trainable parameters that FSDP2 holds sharded are whole tensors (`tensors`, by default
+    `trainable_state(model)`), so `save_pretrained` and `state_dict` write full adapter files; the frozen base
+    stays sharded. Gathering is collective: enter it on every rank. Without FSDP2 or ZeRO-3 it does nothing.
+
+    ZeRO-3: DeepSpeed's `GatheredParameters`. FSDP2: its `unshard()` is not enough, module state dicts still
+    return the DTensor shards; so the registered parameters are swapped for the gathered tensors for the duration
+    and put back after."""
+    partitioned = _zero3_partitioned(model)
+    if partitioned:
+        with _zero3_gathered(partitioned):
+            yield
+        return
+    sharded = [
+        (name, module, attr, param)
+        for module_name, module in model.named_modules()
+        for attr, param in module._parameters.items()
+        if param is not None and param.requires_grad and DTensor is not None and isinstance(param, DTensor)
+        for name in [f"{module_name}.{attr}" if module_name else attr]
+    ]
+    if not sharded:
+        yield
+        return
+    tensors = trainable_state(model) if tensors is None else tensors
+    for name, module, attr, _ in sharded:
+        module._parameters[attr] = nn.Parameter(tensors[name], requires_grad=True)
+    try:
+        yield
+    finally:
+        for _, module, attr, param in sharded:
+            module._parameters[attr] = param
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -145,9 +229,19 @@ def _mixed_precision(value: str) -> str:
 
 
 def make_accelerator(args: TrainArgs, *, cpu: bool = False) -> Accelerator:
-    """The accelerator for `args` (the launcher picks DDP, FSDP or DeepSpeed); `cpu`: stay on the CPU."""
-    return Accelerator(
-        cpu=cpu or not torch.cuda.is_available(),
+    """The accelerator for `args` (the launcher picks DDP, FSDP or DeepSpeed); `cpu`: stay on the CPU.
+
+    On the CPU accelerate always picks plain multi-process data parallelism (MULTI_CPU) and ignores an FSDP
+    launch config; with several processes and `ACCELERATE_USE_FSDP=true` (what `accelerate launch` sets for
+    `distributed_type: FSDP`) we switch its state to FSDP, which torch's FSDP2 runs on gloo (see `_fsdp_on_cpu`).
+    """
+    # DeepSpeed runs on the CPU through its own CPU accelerator, but accelerate enables it only without cpu=True
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    on_cpu = (cpu or not torch.cuda.is_available()) and not deepspeed
+    if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        PartialState(backend="gloo")  # else accelerate finds no backend and each process trains alone
+    accelerator = Accelerator(
+        cpu=on_cpu,
         mixed_precision=_mixed_precision(args.mixed_precision),
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
@@ -155,6 +249,27 @@ def make_accelerator(args: TrainArgs, *, cpu: bool = False) -> Accelerator:
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.ddp_find_unused_parameters)],
     )
+    if on_cpu and accelerator.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Make a CPU accelerator (MULTI_CPU, gloo) prepare the model with FSDP2 from the launch config's plugin.
+
+    accelerate (1.15) only enables FSDP for accelerator devices, but `fully_shard` itself runs on gloo with
+    CPU tensors (DTensor on a "cpu" device mesh); everything accelerate does for FSDP2 afterwards (prepare,
+    clip_grad_norm_, save_state/load_state through torch.distributed.checkpoint) works there. FSDP1 is refused:
+    its CPU path is not the one accelerate or we test."""
+    plugin = accelerator.state.fsdp_plugin if getattr(accelerator.state, "fsdp_plugin", None) else None
+    plugin = plugin or FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ValueError("FSDP on the CPU needs fsdp_version: 2 (FSDP2) in the accelerate config.")
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    # every later AcceleratorState() copies PartialState's fields over its own: set it there too, as accelerate
+    # itself does when it picks FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 class _Stop:
@@ -249,8 +364,14 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.unwrapped = accelerator.unwrap_model(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.own_weights = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-        if self.own_weights:  # accelerate would write/read the whole frozen base; we keep the trainable tensors
+        # Checkpoints hold the trainable tensors only, never the frozen base: accelerate would write/read the
+        # whole model. Under FSDP (FSDP2) accelerate's save_state has no such hook: the trainable tensors and the
+        # optimizer state are gathered whole (`_save_sharded`) and resharded on resume, so a checkpoint is the
+        # same few files as a one-process run's. DeepSpeed keeps its own engine checkpoint (optimizer partitions
+        # per rank), written without the frozen parameters.
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        self.own_weights = accelerator.distributed_type != DistributedType.DEEPSPEED
+        if self.own_weights and not self.sharded:
             accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
             accelerator.register_load_state_pre_hook(lambda models, inp: models.clear())
 
@@ -263,7 +384,12 @@ class Trainer:
                 f"Cannot resume exactly from {checkpoint}: it was written with {saved['data']}, this run has "
                 f"{self.data}. Use the same processes, batch sizes, seed and data, or start a new output_dir."
             )
-        self.accelerator.load_state(str(checkpoint))
+        if self.sharded:
+            self._load_sharded(checkpoint)
+        elif self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self.accelerator.load_state(str(checkpoint), load_module_strict=False)  # saved without the frozen base
+        else:
+            self.accelerator.load_state(str(checkpoint))
         if self.own_weights:
             load_trainable_state(self.unwrapped, load_file(str(checkpoint / TRAINABLE)))
         self.state.update({k: saved[k] for k in self.state})
@@ -352,11 +478,20 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        if self.sharded:
+            self._save_sharded(tmp)
+        elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+            accelerator.save_state(str(tmp), exclude_frozen_parameters=True)  # the engine's files, no base weights
+        else:
+            accelerator.save_state(str(tmp))
+        tensors = trainable_state(self.unwrapped)  # on every rank: gathering FSDP2/ZeRO-3 shards is collective
+        with gathered_trainable(self.unwrapped, tensors):  # FSDP: whole adapter tensors for save_pretrained
+            if accelerator.is_main_process:
+                self.unwrapped.save_pretrained(tmp / "adapter")
+        accelerator.wait_for_everyone()  # every rank's files (RNG states, engine partitions) are written
         if accelerator.is_main_process:
             if self.own_weights:
-                save_file(trainable_state(self.unwrapped), str(tmp / TRAINABLE), metadata={"format": "pt"})
-            self.unwrapped.save_pretrained(tmp / "adapter")
+                save_file(tensors, str(tmp / TRAINABLE), metadata={"format": "pt"})
             (tmp / TRAINER_STATE).write_text(json.dumps({**self.state, "data": self.data}, indent=1) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # the checkpoint appears complete, or not at all
@@ -366,6 +501,27 @@ class Trainer:
                     shutil.rmtree(path, ignore_errors=True)
         accelerator.wait_for_everyone()
         return final
+
+    def _save_sharded(self, folder: Path) -> None:
+        """FSDP: the optimizer state gathered whole (torch.distributed.checkpoint's full state dict, on rank 0),
+        the scheduler and every rank's RNG states (accelerate's files). Collective."""
+        accelerator = self.accelerator
+        optimizer = get_optimizer_state_dict(
+            self.model, self.optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if accelerator.is_main_process:
+            torch.save(optimizer, folder / OPTIMIZER)
+        save_accelerator_state(
+            str(folder), [], [], [self.scheduler], [], accelerator.process_index, self.state["global_step"]
+        )
+
+    def _load_sharded(self, checkpoint: Path) -> None:
+        """FSDP: undo `_save_sharded`; each rank keeps its shard of the whole optimizer state. Collective."""
+        optimizer = torch.load(checkpoint / OPTIMIZER, map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(
+            self.model, self.optimizer.optimizer, optimizer, options=StateDictOptions(full_state_dict=True)
+        )
+        load_accelerator_state(str(checkpoint), [], [], [self.scheduler], [], self.accelerator.process_index)
 
     # ----------------------------------------------------------------------------------- evaluate
     def evaluation_due(self) -> bool:
@@ -452,10 +608,13 @@ class Trainer:
         }
         if self.scores:
             summary["scores"], summary["best_score"] = self.scores, self.best_score
-        if self.output_dir is not None and self.accelerator.is_main_process and not interrupted:
-            self.unwrapped.save_pretrained(self.output_dir / "adapter")
-            (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            self.log(f"adapter saved to {self.output_dir / 'adapter'}")
+        if self.output_dir is not None and not interrupted:
+            with gathered_trainable(self.unwrapped):  # FSDP: whole adapter tensors (collective)
+                if self.accelerator.is_main_process:
+                    self.unwrapped.save_pretrained(self.output_dir / "adapter")
+            if self.accelerator.is_main_process:
+                (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+                self.log(f"adapter saved to {self.output_dir / 'adapter'}")
         self.accelerator.wait_for_everyone()
         summary["model"] = self.unwrapped
         return summary
