@@ -21,17 +21,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import surface
 
+if TYPE_CHECKING:
+    from .families import PreparedInputs
+
 
 def fingerprint(pixels: torch.Tensor) -> str:
     """The identity of one video's pixel tensor: shape, dtype and a BLAKE2 digest of its bytes."""
     data = pixels.detach().contiguous().cpu()
-    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"", digest_size=16)
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy() if data.numel() else b"", digest_size=16)  # no copy
     return f"{tuple(data.shape)}:{data.dtype}:{digest.hexdigest()}"
 
 
@@ -70,7 +73,7 @@ class EncodedVideos:
     after `encode` changes them in place, so their version counters move and the K/V are projected again).
     stats: "hits" / "misses": videos taken from the cache / encoded, over `encode` and every call that used it;
     "prefix_hits": `generate` calls that started from a cached prompt prefix.
-    prefixes: fitted prefix ids -> `PromptPrefix` (see the module docstring).
+    prefixes: (fitted prefix ids, its videos' fingerprints) -> `PromptPrefix` (see the module docstring).
     """
 
     owner: int
@@ -78,7 +81,7 @@ class EncodedVideos:
     videos: dict[str, VideoFeatures] = field(default_factory=dict)
     slow_kv: dict[tuple[int, int, str], tuple[torch.Tensor, tuple]] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0, "prefix_hits": 0})
-    prefixes: dict[tuple[int, ...], PromptPrefix] = field(default_factory=dict)
+    prefixes: dict[tuple[tuple[int, ...], tuple[str, ...]], PromptPrefix] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -90,13 +93,22 @@ class EncodedVideos:
         prefixes = sum(surface.cache_nbytes(prefix.cache) for prefix in self.prefixes.values())
         return sum(video.nbytes for video in self.videos.values()) + kv + prefixes
 
-    def prefix_for(self, input_ids: torch.Tensor, parameters: tuple) -> PromptPrefix | None:
-        """The cached prefix that the one-row fitted prompt `input_ids` [1, L] continues (None: none fits)."""
-        if input_ids.shape[0] != 1:
+    def prefix_for(
+        self, prepared: PreparedInputs, videos: tuple[str, ...] | None, parameters: tuple
+    ) -> PromptPrefix | None:
+        """The cached prefix that a one-row fitted prompt continues: the same tokens, the same videos (`videos`:
+        their fingerprints in order, see `prepared_videos`), no visual token after it, the same parameters."""
+        if prepared.input_ids.shape[0] != 1 or videos is None:
             return None
-        ids = input_ids[0].tolist()
-        for key, prefix in self.prefixes.items():
-            if len(key) < len(ids) and tuple(ids[: len(key)]) == key and prefix.parameters == parameters:
+        ids = prepared.input_ids[0].tolist()
+        for (key, key_videos), prefix in self.prefixes.items():
+            if (
+                len(key) < len(ids)
+                and key_videos == videos
+                and tuple(ids[: len(key)]) == key
+                and not prepared.visual_mask[0, len(key) :].any()
+                and prefix.parameters == parameters
+            ):
                 return prefix
         return None
 
@@ -131,6 +143,14 @@ class PromptPrefix:
 
     cache: Any
     parameters: tuple
+
+
+def prepared_videos(prepared: PreparedInputs) -> tuple[str, ...] | None:
+    """The fingerprints of a prepared prompt's slow items in order; None unless every one is a cached video."""
+    if prepared.slow is None:
+        return None
+    keys = tuple(item.key for item in prepared.slow.items)
+    return keys if keys and all(keys) else None
 
 
 def parameters_state(module: torch.nn.Module) -> tuple:

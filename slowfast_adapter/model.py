@@ -16,7 +16,7 @@ from torch import nn
 from . import adapter_io, hub, lora, state, surface
 from .adapters import SlowFastAdapter
 from .config import SlowFastConfig
-from .encoded import EncodedVideos, PromptPrefix, parameters_state, prefix_inputs
+from .encoded import EncodedVideos, PromptPrefix, parameters_state, prefix_inputs, prepared_videos
 from .families import ModelFamily, PreparedInputs, family_for
 from .files import DEFAULT_ADAPTER, LORA_SUBFOLDER, AdapterError
 from .hybrid import HybridLayerHooks, register_step_hook
@@ -136,7 +136,7 @@ class SlowFastModel(nn.Module):
         model_inputs = prepared.model_inputs
         prefix = None
         if encoded is not None and mode == "slowfast":
-            prefix = encoded.prefix_for(prepared.input_ids, parameters_state(self))
+            prefix = encoded.prefix_for(prepared, prepared_videos(prepared), parameters_state(self))
         if prefix is not None:  # start from the prompt prefix's KV cache: only the rest of the prompt is prefilled
             encoded.stats["prefix_hits"] += 1
             model_inputs = {k: v for k, v in model_inputs.items() if k != surface.ENCODER_OUTPUTS_KWARG}
@@ -167,36 +167,32 @@ class SlowFastModel(nn.Module):
         self._check_wrapped()
         encoded = into if into is not None else EncodedVideos(owner=id(self), projector=self._projector_adapter())
         encoded.check_owner(id(self), self._projector_adapter())
+        input_ids = inputs.get("input_ids")
+        if input_ids is not None and input_ids.shape[0] == 1 and state.current_mode(id(self)) == "slowfast":
+            self._encode_prompt({k: v for k, v in inputs.items() if k != "labels"}, encoded)
+            return encoded
         videos = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
         slow = self.family.encode_videos(self.base_model, self.slowfast_config, videos, encoded)
         if slow is not None:
             self.slow_context(
                 slow, torch.zeros(slow.mask.shape[0], 0, dtype=torch.bool), encoded=encoded, store_kv=True
             )
-        input_ids = inputs.get("input_ids")
-        if (
-            slow is not None
-            and input_ids is not None
-            and input_ids.shape[0] == 1
-            and state.current_mode(id(self)) == "slowfast"
-        ):
-            self._encode_prefix(inputs, encoded)
         return encoded
 
-    def _encode_prefix(self, inputs: dict[str, Any], encoded: EncodedVideos) -> None:
-        """Keep the KV cache of the one-row prompt up to its last visual token (see `encoded.py`)."""
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        counts = dict(encoded.stats)
-        prepared = self.prepare_inputs(encoded=encoded, **inputs)  # every video is cached by now
-        encoded.stats.update(counts)  # reading what `encode` just stored is not a reuse
-        visual = prepared.visual_mask[0].nonzero()
-        length = int(visual[-1]) + 1
+    def _encode_prompt(self, inputs: dict[str, Any], encoded: EncodedVideos) -> None:
+        """One prompt: add its videos and their slow K/V to `encoded`, and keep the LLM's KV cache of the prompt up
+        to its last visual token (see `encoded.py`) when every visual input of the prompt is a cached video."""
+        prepared = self.family.prepare(self.base_model, self.slowfast_config, inputs, encoded=encoded, store=True)
+        context = self._slow_context(prepared, encoded, store_kv=True)  # projects and stores the slow K/V
+        videos = prepared_videos(prepared)
+        if context is None or videos is None or inputs.get("pixel_values") is not None:
+            return  # images are not cached: a prefix holding one could not be matched to it later
+        length = int(prepared.visual_mask[0].nonzero()[-1]) + 1
         if length >= prepared.input_ids.shape[1]:
             return  # nothing after the video to ask
-        context = self._slow_context(prepared, encoded)
         with state.activated(context):
             output = self.base_model(**prefix_inputs(prepared.model_inputs, length), use_cache=True, logits_to_keep=1)
-        key = tuple(prepared.input_ids[0, :length].tolist())
+        key = (tuple(prepared.input_ids[0, :length].tolist()), videos)
         encoded.prefixes[key] = PromptPrefix(surface.output_cache(output), parameters_state(self))
 
     def _projector_adapter(self) -> str | None:
@@ -204,7 +200,9 @@ class SlowFastModel(nn.Module):
         config = self.slowfast_configs.get(self._active_adapter)
         return self._active_adapter if config is not None and config.train_projector else None
 
-    def _slow_context(self, prepared: PreparedInputs, encoded: EncodedVideos | None = None) -> state.SlowContext | None:
+    def _slow_context(
+        self, prepared: PreparedInputs, encoded: EncodedVideos | None = None, *, store_kv: bool = False
+    ) -> state.SlowContext | None:
         if prepared.slow is None:  # no visual input in the batch: exactly the base model
             return None
         queries = state.prompt_query_mask(prepared.visual_mask, self.slowfast_config.query_tokens)
@@ -212,7 +210,7 @@ class SlowFastModel(nn.Module):
         if attention_mask is not None:
             queries = queries & attention_mask.bool()
         return self.slow_context(
-            prepared.slow, queries, reproject_slow_kv=self.debug_reproject_slow_kv, encoded=encoded
+            prepared.slow, queries, reproject_slow_kv=self.debug_reproject_slow_kv, encoded=encoded, store_kv=store_kv
         )
 
     def slow_context(

@@ -128,11 +128,14 @@ def test_one_prompt_generate_continues_the_prompt_prefix_cache(model, processor)
     assert len(encoded.prefixes) == 1
     videos_only = model.encode(**{k: v for k, v in make_inputs(processor, SAMPLES[:1]).items() if k != "input_ids"})
     assert not videos_only.prefixes and encoded.nbytes > videos_only.nbytes  # the prefix's KV cache is counted
+    # Another video of the same length gives the same prompt tokens: its prefix must not answer for the first one.
+    model.encode(into=encoded, **make_inputs(processor, SAMPLES[:1], video_seeds=[9]))
+    assert len(encoded.prefixes) == 2
     inputs = make_inputs(processor, OTHER_QUESTIONS[:1])
     with state.recording() as contexts:
         sequences, logits = _generate(model, inputs, encoded=encoded)
     assert encoded.stats["prefix_hits"] == 1
-    (prefix,) = encoded.prefixes
+    prefix = next(iter(encoded.prefixes))[0]  # the first video's prefix tokens (both videos' are the same)
     prompt_length = contexts[0].prompt_query_mask.shape[1]
     prefill_reads = [int(per_row) for step, _, per_row in contexts[0].reads if step == 1]
     assert prefill_reads == [prompt_length - len(prefix)] * len(model.hybrid_layer_indices)  # only the question ran
