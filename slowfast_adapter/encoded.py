@@ -11,9 +11,11 @@ Only the slow-fast path reads the cache: under `disable_adapter()` the base enco
 
 Prompt prefix: when `encode` is given a one-prompt processor output, it also runs the LLM over the prompt up to
 its last visual token (system prompt, user turn start, the fast video tokens) and keeps that KV cache. A later
-one-prompt `generate` whose fitted prompt starts with the same tokens starts from a copy of it and prefills only
-the rest (the question). Same tokens; logits equal up to float rounding (the prefix's K/V came from a forward
-over fewer tokens). Used only in the slow-fast mode and while every parameter is as it was at `encode`.
+one-prompt `generate` whose fitted prompt starts with the same tokens and the same videos (two videos of one
+length give the same tokens, so prefixes are keyed by both), with no visual token after them, starts from a copy
+of it and prefills only the rest (the question). Same tokens; logits equal up to float rounding (the prefix's
+K/V came from a forward over fewer tokens). Used only in the slow-fast mode and while every parameter is as it
+was at `encode`.
 """
 
 from __future__ import annotations
