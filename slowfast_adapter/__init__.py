@@ -13,16 +13,30 @@ if TYPE_CHECKING:
     from .config import SlowFastConfig
     from .encoded import EncodedVideos
     from .files import AdapterError
+    from .frame_attention import FrameAttention, looking, where_it_looked
     from .model import SlowFastModel, wrap
 
 _EXPORTS = {
     "AdapterError": ".files",
     "EncodedVideos": ".encoded",
+    "FrameAttention": ".frame_attention",
     "SlowFastConfig": ".config",
     "SlowFastModel": ".model",
+    "looking": ".frame_attention",
+    "where_it_looked": ".frame_attention",
     "wrap": ".model",
 }
-__all__ = ["AdapterError", "EncodedVideos", "SlowFastConfig", "SlowFastModel", "__version__", "wrap"]
+__all__ = [
+    "AdapterError",
+    "EncodedVideos",
+    "FrameAttention",
+    "SlowFastConfig",
+    "SlowFastModel",
+    "__version__",
+    "looking",
+    "where_it_looked",
+    "wrap",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -250,24 +250,30 @@ class HybridLayerHooks:
             cos, sin = (_gather_tokens(t.expand(batch, -1, -1), index) for t in (cos, sin))
             query = self.rope(query, cos, sin)
         key, value = self.slow_kv(context)
+        query = query.to(key.dtype)
         cross = slow_cross_attention(
-            query.to(key.dtype),
+            query,
             key,
             value,
             context.slow.attend_mask.to(key.device),
             scaling=self.scaling,
             implementation="eager" if surface.attention_implementation(self.attn) == "eager" else "sdpa",
         )
-        context.pending[self.layer_idx] = (index, valid, rearrange(cross, "b h l d -> b l (h d)"))
+        looks = context.frame_attention  # "where it looked" (frame_attention.py); None unless asked for
+        frame_mass = None if looks is None else looks.attend(query, key, context.slow, scaling=self.scaling)
+        context.pending[self.layer_idx] = (index, valid, rearrange(cross, "b h l d -> b l (h d)"), frame_mass)
         return None
 
     def _before_o_proj(self, module: nn.Module, args: tuple) -> tuple | None:
         context = active_context(self.owner)
         if context is None or self.layer_idx not in context.pending:
             return None
-        index, valid, cross = context.pending.pop(self.layer_idx)
+        index, valid, cross, frame_mass = context.pending.pop(self.layer_idx)
         (attn_output,) = args  # [B, L, heads * hd], the self-attention output before o_proj
         gate = self.branch.gate(_gather_tokens(attn_output, index))  # [B, Lq, 1]
+        if frame_mass is not None:  # [B, Lq, F] attention mass per frame, times |gate|
+            weights = frame_mass * gate.detach().abs().float()
+            context.frame_attention.record(context, self.layer_idx, index, valid, weights)
         update = (gate * cross * valid[..., None]).to(attn_output.dtype)
         return (attn_output.scatter_add(1, index[..., None].expand_as(update), update),)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import adapter_io, hub, lora, state, surface
+from . import adapter_io, frame_attention, hub, lora, state, surface
 from .adapters import SlowFastAdapter
 from .config import SlowFastConfig
 from .encoded import EncodedVideos, PromptPrefix, parameters_state, prefix_inputs, prepared_videos
@@ -116,7 +116,8 @@ class SlowFastModel(nn.Module):
             with state.activated(None):
                 return self.base_model(input_ids=input_ids, **inputs)
         prepared = self.prepare_inputs(input_ids=input_ids, encoded=encoded, **inputs)
-        with state.activated(self._slow_context(prepared, encoded) if mode == "slowfast" else None):
+        context = self._slow_context(prepared, encoded, looks=True) if mode == "slowfast" else None
+        with state.activated(context):
             return self.base_model(**prepared.model_inputs)
 
     @torch.no_grad()
@@ -134,24 +135,26 @@ class SlowFastModel(nn.Module):
                 return self.base_model.generate(input_ids=input_ids, **inputs)
         prepared = self.prepare_inputs(input_ids=input_ids, encoded=encoded, **inputs)
         model_inputs = prepared.model_inputs
+        context = self._slow_context(prepared, encoded, looks=True) if mode == "slowfast" else None
         prefix = None
-        if encoded is not None and mode == "slowfast":
+        if encoded is not None and context is not None and context.frame_attention is None:  # maps cover every token
             prefix = encoded.prefix_for(prepared, prepared_videos(prepared), parameters_state(self))
         if prefix is not None:  # start from the prompt prefix's KV cache: only the rest of the prompt is prefilled
             encoded.stats["prefix_hits"] += 1
             model_inputs = {k: v for k, v in model_inputs.items() if k != surface.ENCODER_OUTPUTS_KWARG}
             model_inputs[surface.cache_kwarg(self.base_model)] = copy.deepcopy(prefix.cache)
             self.family.forget_generate_state(self.base_model)
-        with state.activated(self._slow_context(prepared, encoded) if mode == "slowfast" else None):
+        with state.activated(context):
             output = self.base_model.generate(**model_inputs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         new_tokens = sequences[:, prepared.input_ids.shape[1] :]
         prompt = input_ids.to(sequences.device).repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
         sequences = torch.cat([prompt, new_tokens], dim=-1)
-        if isinstance(output, torch.Tensor):
-            return sequences
-        output.sequences = sequences
-        return output
+        if not isinstance(output, torch.Tensor):
+            output.sequences = sequences
+        if context is not None and context.frame_attention is not None:
+            context.frame_attention.finish(new_tokens, output if not isinstance(output, torch.Tensor) else sequences)
+        return output if not isinstance(output, torch.Tensor) else sequences
 
     @torch.no_grad()
     def encode(self, *, into: EncodedVideos | None = None, **inputs: Any) -> EncodedVideos:
@@ -201,17 +204,27 @@ class SlowFastModel(nn.Module):
         return self._active_adapter if config is not None and config.train_projector else None
 
     def _slow_context(
-        self, prepared: PreparedInputs, encoded: EncodedVideos | None = None, *, store_kv: bool = False
+        self,
+        prepared: PreparedInputs,
+        encoded: EncodedVideos | None = None,
+        *,
+        store_kv: bool = False,
+        looks: bool = False,
     ) -> state.SlowContext | None:
+        """The slow context of a call (None without slow tokens); `looks`: a forward/generate call, which records
+        its per-frame maps inside `frame_attention.looking(self)`."""
         if prepared.slow is None:  # no visual input in the batch: exactly the base model
             return None
         queries = state.prompt_query_mask(prepared.visual_mask, self.slowfast_config.query_tokens)
         attention_mask = prepared.model_inputs.get("attention_mask")
         if attention_mask is not None:
             queries = queries & attention_mask.bool()
-        return self.slow_context(
+        context = self.slow_context(
             prepared.slow, queries, reproject_slow_kv=self.debug_reproject_slow_kv, encoded=encoded, store_kv=store_kv
         )
+        if looks:
+            frame_attention.attach(self, context, prepared.input_ids, attention_mask)
+        return context
 
     def slow_context(
         self,

@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -27,12 +27,24 @@ if TYPE_CHECKING:
 class SlowItem:
     """One video's (or image's) slow tokens inside `SlowTokens`: tokens[row, start : start + length].
 
-    key: the video's fingerprint when its features may come from (or go to) an `EncodedVideos` cache."""
+    key: the video's fingerprint when its features may come from (or go to) an `EncodedVideos` cache.
+    units: a video's frames (or temporal groups of frames), each `length // units` consecutive tokens; 0 for an
+    image's tokens (read by "where it looked", `frame_attention.py`)."""
 
     row: int
     start: int
     length: int
     key: str | None = None
+    units: int = 0
+
+
+class SlowPiece(NamedTuple):
+    """One video's (or image's) slow tokens [S_i, D] for sample `row`, before packing (see `SlowItem`)."""
+
+    row: int
+    tokens: torch.Tensor
+    key: str | None = None
+    units: int = 0
 
 
 @dataclass
@@ -66,19 +78,18 @@ class SlowTokens:
         return mask
 
     @classmethod
-    def pack(cls, items: list[tuple[int, torch.Tensor, str | None]], batch_size: int) -> SlowTokens | None:
-        """Concatenate per-item slow tokens [S_i, D] (with their cache key or None) by sample row; None when
-        there are no items."""
+    def pack(cls, items: list[SlowPiece], batch_size: int) -> SlowTokens | None:
+        """Concatenate per-item slow tokens by sample row; None when there are no items."""
         if not items:
             return None
         if batch_size == 1 and len(items) == 1:  # one video (the long-video case): a view, no copy
-            row, tokens, key = items[0]
+            row, tokens, key, units = items[0]
             mask = torch.ones(1, tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            return cls(tokens[None], mask, [SlowItem(row, 0, tokens.shape[0], key)])
-        items = sorted(items, key=lambda item: item[0])  # stable: keeps each sample's items in order
-        rows = torch.tensor([row for row, _, _ in items])
-        lengths = torch.tensor([tokens.shape[0] for _, tokens, _ in items])
-        flat = torch.cat([tokens for _, tokens, _ in items])  # [N, D]
+            return cls(tokens[None], mask, [SlowItem(row, 0, tokens.shape[0], key, units)])
+        items = sorted(items, key=lambda item: item.row)  # stable: keeps each sample's items in order
+        rows = torch.tensor([item.row for item in items])
+        lengths = torch.tensor([item.tokens.shape[0] for item in items])
+        flat = torch.cat([item.tokens for item in items])  # [N, D]
         sample = rows.repeat_interleave(lengths)  # [N]
         per_row = torch.bincount(rows, weights=lengths, minlength=batch_size).long()
         starts = per_row.cumsum(0) - per_row
@@ -89,8 +100,8 @@ class SlowTokens:
         tokens[sample, slot] = flat
         mask[sample, slot] = True
         placed, cursor = [], [0] * batch_size
-        for (row, _, key), length in zip(items, lengths.tolist(), strict=True):
-            placed.append(SlowItem(row, cursor[row], length, key))
+        for (row, _, key, units), length in zip(items, lengths.tolist(), strict=True):
+            placed.append(SlowItem(row, cursor[row], length, key, units))
             cursor[row] += length
         return cls(tokens, mask, placed)
 
@@ -131,6 +142,8 @@ class SlowContext:
     tokens that read the slow tokens). See `recording()`.
     encoded: videos encoded earlier (`SlowFastModel.encode`) whose slow K/V this call may reuse; with
     `store_kv`, K/V it projects for them are kept there (what `encode` does).
+    frame_attention: set only inside `frame_attention.looking(...)`: the hybrid layers also record how much
+    attention they put on each frame (a `frame_attention.CallRecorder`); None (the default) costs nothing.
     """
 
     owner: int
@@ -138,13 +151,14 @@ class SlowContext:
     prompt_query_mask: torch.Tensor
     slow_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     reproject_slow_kv: bool = False
-    pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    pending: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     step_start: int | None = None
     step_length: int | None = None
     stats: dict[str, int] = field(default_factory=lambda: {"steps": 0, "slow_reads": 0, "kv_projections": 0})
     reads: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     encoded: EncodedVideos | None = None
     store_kv: bool = False
+    frame_attention: Any = None
 
     def __post_init__(self) -> None:
         recorder = _RECORDER.get()

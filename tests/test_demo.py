@@ -61,6 +61,8 @@ def test_demo_runs_end_to_end_in_miniature(tmp_path):
     summary = run(config, log=lambda *_: None)
     assert [r["setting"][:3] for r in summary["results"]] == ["(a)", "(b)", "(c)", "(d)"]
     flops = {r["setting"][:3]: r["llm_prefill_flops"] for r in summary["results"]}
+    assert 0 <= summary["results"][2]["looked_at_needle"] <= 1  # where it looked, on the slow-fast adapter
+    assert "looked_at_needle" not in summary["results"][1]
     assert flops["(b)"] < flops["(c)"] < flops["(d)"]  # the slow branch costs something; native tokens most
     written = json.loads((tmp_path / "demo/results.json").read_text())
     assert written["results"] == summary["results"]

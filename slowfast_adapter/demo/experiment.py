@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import state
 from ..config import SlowFastConfig
+from ..frame_attention import where_it_looked
 from ..model import wrap
 from ..tiny import build_tiny_llava_onevision
 from ..training.recipe import TrainArgs
@@ -142,6 +143,22 @@ def accuracy(model, task: NeedleTask, *, batch_size: int = 50, slow_path: bool =
         texts = task.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         correct += sum(text.strip().startswith(task.answers[i]) for text, i in zip(texts, indices, strict=True))
     return correct / count
+
+
+@torch.no_grad()
+def needle_peaks(model, task: NeedleTask, *, batch_size: int = 50) -> list[bool]:
+    """For each video of `task`: does "where it looked" (the map of the token that predicts the answer's first
+    token, mean over the hybrid layers) peak at the needle's frame?"""
+    model.eval()
+    peaks = []
+    for start in range(0, len(task), batch_size):
+        indices = list(range(start, min(len(task), start + batch_size)))
+        looked = where_it_looked(model, task.prompt_batch(indices))
+        for row, i in enumerate(indices):
+            needle = task.records[i]["needle"]
+            frames_per_unit = task.videos[i].shape[0] // int(looked.num_frames[row])
+            peaks.append(looked.peak_frame(row) == needle["frame"] // frames_per_unit)
+    return peaks
 
 
 def check_slow_path(contexts: list[state.SlowContext], *, rows: int, expected: bool) -> None:
@@ -293,6 +310,9 @@ def run(config: DemoConfig | None = None, log: Callable[[str], None] = tqdm.writ
     measure("(a) base, native frames", "base model, native tokens", test_native, native_sample, model.disable_adapter)
     measure("(b) fast tokens only", "slow_path_disabled()", test_high, sample, model.slow_path_disabled)
     measure("(c) slow-fast adapter", "fast tokens + slow cross-attention", test_high, sample)
+    peaks = needle_peaks(model, test_high)
+    rows[-1]["looked_at_needle"] = sum(peaks) / len(peaks)
+    log(f"      where it looked: the map peaks at the needle's frame on {sum(peaks)}/{len(peaks)} test videos")
     measure("(d) base, all native tokens", "base model, native tokens", test_high, sample, model.disable_adapter)
 
     log("[5/5] writing the results")
@@ -318,6 +338,12 @@ def markdown_table(summary: dict[str, Any]) -> str:
             f"| {row['setting']} | {row['frames']} | {row['accuracy']:.3f} | {row['llm_prefill_flops'] / 1e6:.2f} |"
         )
     lines.append(f"\nChance accuracy: {summary['chance']:.2f}.")
+    looked = [row["looked_at_needle"] for row in summary["results"] if "looked_at_needle" in row]
+    if looked:
+        lines.append(
+            f"Where it looked: the slow-fast adapter's per-frame map peaks at the needle's frame on {looked[0]:.1%} "
+            "of the test videos (chance: 1 / frames)."
+        )
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from ..config import SlowFastConfig
 from ..encoded import EncodedVideos, VideoFeatures
 from ..hybrid import apply_rope, default_query_states
 from ..sequence import fit_sequence, placeholder_item_rows
-from ..state import SlowTokens
+from ..state import SlowPiece, SlowTokens
 
 
 @dataclass
@@ -112,10 +112,19 @@ class ModelFamily:
         if inputs.get("pixel_values_videos") is None:
             return None
         videos, keys = self.video_items(model, inputs, encoded, chunk_frames=config.vision_chunk_frames, store=True)
+        units = self.video_units(inputs)
         items = [
-            (row, self.slow_video_tokens(video), key) for row, (video, key) in enumerate(zip(videos, keys, strict=True))
+            SlowPiece(row, self.slow_video_tokens(video), key, count)
+            for row, (video, key, count) in enumerate(zip(videos, keys, units, strict=True))
         ]
         return SlowTokens.pack(items, batch_size=len(items))
+
+    video_unit = "frame"
+    """What one slice of a video's slow tokens covers: a frame (LLaVA) or a temporal group of frames (Qwen)."""
+
+    def video_units(self, inputs: dict[str, Any]) -> list[int]:
+        """The frames (or temporal groups) of each video of `inputs` (the processor's output)."""
+        raise NotImplementedError
 
     def forget_generate_state(self, model: nn.Module) -> None:
         """Drop what the base's `generate` keeps between calls (none here; Qwen-VL's M-RoPE offset)."""
@@ -168,7 +177,7 @@ def add_images(
     image_token_id: int,
     config: SlowFastConfig,
     mm_outputs: dict[str, Any],
-    slow_items: list[tuple[int, torch.Tensor, str | None]],
+    slow_items: list[SlowPiece],
 ) -> None:
     """Images keep their native tokens in the sequence (`mm_outputs["image"]`) and, with
     `config.image_slow_tokens`, also offer them as slow tokens of their sample.
@@ -180,7 +189,7 @@ def add_images(
     rows = placeholder_item_rows(input_ids, image_token_id, lengths, what="image")
     mm_outputs["image"] = image_output
     if config.image_slow_tokens:
-        slow_items += [(int(row), image, None) for row, image in zip(rows, images, strict=True)]
+        slow_items += [SlowPiece(int(row), image) for row, image in zip(rows, images, strict=True)]
 
 
 def finish_prepare(
@@ -189,7 +198,7 @@ def finish_prepare(
     input_ids: torch.Tensor,
     keep: torch.Tensor,
     mm_outputs: dict[str, Any],
-    slow_items: list[tuple[int, torch.Tensor, str | None]],
+    slow_items: list[SlowPiece],
     *,
     visual_token_ids: tuple[int, ...],
     extra_token_tensors: dict[str, int] | None = None,

@@ -19,6 +19,7 @@ from ..config import SlowFastConfig
 from ..encoded import EncodedVideos, VideoFeatures, encoded_items
 from ..pooling import plan_fast_frames, pool_fast_frames
 from ..sequence import mask_positions, placeholder_item_rows, placeholder_keep_mask
+from ..state import SlowPiece
 from .base import ModelFamily, PreparedInputs, VideoLayout, add_images, finish_prepare, pop_input_ids
 
 _FEATURE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
@@ -86,6 +87,10 @@ class LlavaOnevisionFamily(ModelFamily):
     def slow_video_tokens(self, video: VideoFeatures) -> torch.Tensor:
         return video.native[:-1]  # without the newline token
 
+    def video_units(self, inputs: dict[str, Any]) -> list[int]:
+        videos = inputs["pixel_values_videos"]  # [V, T, C, H, W]
+        return [videos.shape[1]] * videos.shape[0]
+
     def prepare(
         self,
         model: nn.Module,
@@ -101,7 +106,7 @@ class LlavaOnevisionFamily(ModelFamily):
         feature_kwargs = {k: inputs[k] for k in _FEATURE_KWARGS if inputs.get(k) is not None}
         video_id, image_id = model.config.video_token_id, model.config.image_token_id
         mm_outputs: dict[str, BaseModelOutputWithPooling] = dict(inputs.pop(surface.ENCODER_OUTPUTS_KWARG, None) or {})
-        slow_items: list[tuple[int, torch.Tensor, str | None]] = []
+        slow_items: list[SlowPiece] = []
         keep = torch.ones_like(input_ids, dtype=torch.bool)
 
         pixel_values_videos = inputs.pop("pixel_values_videos", None)
@@ -122,7 +127,8 @@ class LlavaOnevisionFamily(ModelFamily):
             keep &= placeholder_keep_mask(input_ids, video_id, native, torch.full_like(native, fast.shape[1]))
             mm_outputs["video"] = BaseModelOutputWithPooling(pooler_output=fast)
             slow_items += [
-                (int(row), self.slow_video_tokens(v), key) for row, v, key in zip(rows, videos, keys, strict=True)
+                SlowPiece(int(row), self.slow_video_tokens(v), key, num_frames)
+                for row, v, key in zip(rows, videos, keys, strict=True)
             ]
 
         pixel_values = inputs.pop("pixel_values", None)

@@ -19,6 +19,7 @@ from ..config import SlowFastConfig
 from ..encoded import EncodedVideos, VideoFeatures, encoded_items
 from ..pooling import FastPlan, plan_fast_frames, pool_fast_frames
 from ..sequence import placeholder_item_rows, placeholder_keep_mask
+from ..state import SlowPiece
 from .base import ModelFamily, PreparedInputs, VideoLayout, add_images, finish_prepare, pop_input_ids
 
 
@@ -74,7 +75,7 @@ class Qwen2VLFamily(ModelFamily):
         merge = model.config.vision_config.spatial_merge_size
         video_id, image_id = model.config.video_token_id, model.config.image_token_id
         mm_outputs = dict(inputs.pop(surface.ENCODER_OUTPUTS_KWARG, None) or {})
-        slow_items: list[tuple[int, torch.Tensor, str | None]] = []
+        slow_items: list[SlowPiece] = []
         keep = torch.ones_like(input_ids, dtype=torch.bool)
 
         pixel_values_videos = inputs.pop("pixel_values_videos", None)
@@ -93,7 +94,8 @@ class Qwen2VLFamily(ModelFamily):
             native = torch.tensor([video.shape[0] for video in output.pooler_output])
             rows = placeholder_item_rows(input_ids, video_id, native, what="video")
             slow_items += [
-                (int(row), self.slow_video_tokens(v), key) for row, v, key in zip(rows, videos, keys, strict=True)
+                SlowPiece(int(row), self.slow_video_tokens(v), key, int(grid[0]))
+                for row, v, key, grid in zip(rows, videos, keys, grids.tolist(), strict=True)
             ]
             output.pooler_output = pool_videos(output.pooler_output, grids, plans, merge)
             self.pool_extra_video_features(output, grids, plans, merge)
@@ -170,6 +172,11 @@ class Qwen2VLFamily(ModelFamily):
 
     def slow_video_tokens(self, video: VideoFeatures) -> torch.Tensor:
         return video.native
+
+    video_unit = "temporal group"
+
+    def video_units(self, inputs: dict[str, Any]) -> list[int]:
+        return inputs["video_grid_thw"][:, 0].tolist()
 
     def extra_video_features(self, output: Any) -> list[tuple[torch.Tensor, ...]]:
         """Further per-video features of a `get_video_features` output, per layer (none for Qwen2-VL)."""
