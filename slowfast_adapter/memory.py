@@ -135,6 +135,7 @@ class TokenCounts:
     slow: int  # S
     projector_rows: int  # rows the projector copy runs on (LLaVA: patches before pooling; Qwen2-VL: merged tokens)
     projector_width: int  # elements its backward keeps per row (see the module docstring)
+    image_size: int | None = None  # frame size in px the layout assumes (None: fixed by the model)
 
 
 @dataclass
@@ -268,7 +269,9 @@ def count_tokens(
     video = video_tokens(model.base_model, frames, model.slowfast_config, image_size=image_size)
     fast = video.visual_tokens + video.structure_tokens
     rows, width = projector_rows_and_width(model, frames, video.slow_tokens)
-    return TokenCounts(frames, fast + text_tokens, fast, text_tokens, video.slow_tokens, rows, width)
+    return TokenCounts(
+        frames, fast + text_tokens, fast, text_tokens, video.slow_tokens, rows, width, video.layout.image_size
+    )
 
 
 # ------------------------------------------------------------------------------------------ formulas
@@ -389,6 +392,7 @@ def memory_report(
 def format_markdown(report: MemoryReport) -> str:
     """One Markdown table (GiB per GPU) with the counts it rests on."""
     c, t, a = report.counts, report.tokens, report.activations
+    size = f" of {t.image_size}x{t.image_size} px" if t.image_size else ""
     columns = [
         ("frozen base", "frozen_base"),
         ("adapter weights", "trainable_weights"),
@@ -404,8 +408,9 @@ def format_markdown(report: MemoryReport) -> str:
         "",
         f"Computed, not measured (estimate; GiB per GPU). Frozen base {c.frozen / 1e9:.3f} B parameters, trainable "
         f"{c.trainable / 1e6:.2f} M ({c.hybrid_layers} hybrid layers"
-        f"{' + projector copy' if c.train_projector else ''}). One sample: {t.frames} frames -> {t.fast_video:,d} "
-        f"fast tokens + {t.text} text = L {t.sequence:,d}; S {t.slow:,d} slow tokens; batch {report.batch_size}.",
+        f"{' + projector copy' if c.train_projector else ''}). One sample: {t.frames} frames{size} -> "
+        f"{t.fast_video:,d} fast tokens + {t.text} text = L {t.sequence:,d}; S {t.slow:,d} slow tokens; "
+        f"batch {report.batch_size}.",
         "",
         "| strategy | " + " | ".join(title for title, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
@@ -421,6 +426,30 @@ def format_markdown(report: MemoryReport) -> str:
         f"layer recompute {a.layer_recompute / GIB:.2f}).",
     ]
     return "\n".join(lines)
+
+
+MARKDOWN_HEADER = """# Training memory per GPU (computed, not measured)
+
+Command: `{command}` ({versions}; parameter counts exact on the meta device, no GPU involved).
+
+An estimate from the formulas in `slowfast_adapter/memory.py` (its docstring states every assumption), bytes per GPU
+with P frozen and T trainable parameters on N GPUs:
+frozen base 2P (DDP, ZeRO-2) or 2P/N (FSDP, ZeRO-3); adapter weights, gradients and AdamW state in bf16 under DDP
+(2T + 2T + 2T buckets + 4T), fp32 and sharded under FSDP and DeepSpeed (4T/N + 4T/N + 8T/N, plus bf16 copies);
+gathered parameters (FSDP: root unit + LM head + 2 decoder layers; ZeRO-3: stage3_max_live_parameters) and
+DeepSpeed's gradient buckets (ZeRO-2: 2 x reduce_bucket_size, ZeRO-3: 1 x, bf16);
+activations with gradient checkpointing = 2 x layers x L x D + S x (2D + h x (6D + 4kv)) + projector
++ max(12 x L x V, 2 x L x (12D + 4kv + 6I)).
+Left out: the CUDA context and NCCL buffers, allocator fragmentation, temporaries of single ops.
+
+"""
+
+
+def _versions() -> str:
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n\n".join(format_markdown(r) for r in reports)
     print(text)
     if args.markdown_path:
-        header = f"# Training memory per GPU (computed, not measured)\n\nCommand: `{command}`\n\n"
-        Path(args.markdown_path).write_text(header + text + "\n")
+        Path(args.markdown_path).write_text(MARKDOWN_HEADER.format(command=command, versions=_versions()) + text + "\n")
     if args.json_path:
         data = {"command": command, "reports": [r.to_dict() for r in reports]}
         Path(args.json_path).write_text(json.dumps(data, indent=1) + "\n")

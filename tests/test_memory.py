@@ -153,16 +153,22 @@ def test_deepspeed_and_fsdp_settings_match_the_launch_configs():
     assert fsdp["fsdp_config"]["fsdp_offload_params"] is False
 
 
-def test_report_and_recipe_comments_quote_the_same_numbers(seven_b):
+def test_report_results_file_and_config_comments_quote_the_same_numbers(seven_b):
+    """The numbers in the recipe, the accelerate launch configs and benchmarks/results/memory_7b.* are this code's."""
     _, path, _, model = seven_b
     report = memory_report(path, 8, model=model)
-    text = format_markdown(report)
-    assert "Computed, not measured" in text
+    assert "Computed, not measured" in format_markdown(report)
     header = path.read_text().split("\nmodel:")[0]
+    assert "COMPUTED, not measured" in header and "slowfast_adapter/memory.py" in header
+    results = json.loads((ROOT / "benchmarks" / "results" / "memory_7b.json").read_text())
+    (saved,) = [r for r in results["reports"] if r["name"] == path.stem]
     for strategy, terms in report.strategies.items():
-        assert terms.total < 80 * 2**30
-        assert f"{terms.total / 2**30:.1f}" in header, (strategy, header)
-    assert "slowfast_adapter/memory.py" in header
+        total = f"{terms.total / 2**30:.1f}"
+        assert terms.total < 80 * 2**30  # fits the 80 GB GPUs the recipes name
+        assert f"{total} GiB" in header, (strategy, header)
+        launch = (ROOT / "recipes" / "accelerate" / f"{strategy}.yaml").read_text()
+        assert f"{path.name} {total} GiB" in " ".join(launch.split()), strategy
+        assert saved["strategies"][strategy]["bytes"]["total"] == pytest.approx(terms.total, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- real tensors on the CPU
