@@ -16,14 +16,15 @@ What the code does, which the formulas follow (transformers 5.24, accelerate 1.1
   moments in bf16, with no fp32 master copy. DDP adds its gradient buckets (gradient_as_bucket_view is False).
 - FSDP2 (fsdp.yaml): accelerate upcasts the trainable parameters to fp32 (sharded), gathers bf16 copies to compute
   (param_dtype bf16), reduces gradients in bf16, keeps fp32 sharded gradients and AdamW moments. Units: every
-  decoder and vision layer (the `GradientCheckpointingLayer`s), the input embedding, the LM head (not resharded
-  after forward), and the root (the rest, adapter included: never resharded during a step).
+  decoder and vision layer (the `GradientCheckpointingLayer`s, as fsdp.yaml's `fsdp_transformer_layer_cls_to_wrap`
+  names them; Qwen2-VL needs Qwen2VLDecoderLayer,Qwen2VLVisionBlock there), the input embedding, the LM head (not
+  resharded after forward), and the root (the rest, adapter included: never resharded during a step).
 - DeepSpeed bf16 (ds_zero2.json, ds_zero3.json): the module runs in bf16; the ZeRO optimizer keeps fp32 master
-  weights and fp32 AdamW moments, partitioned. Gradient partitions are counted in fp32 (DeepSpeed's gradient
-  accumulation dtype; bf16 would save 2T/N bytes). ZeRO-2 leaves the frozen base whole on every GPU and allocates
-  `reduce_bucket_size` bf16 gradient buffers, two with overlap_comm. ZeRO-3 partitions every parameter, allocates one
-  such buffer, and after the first step keeps up to `stage3_max_live_parameters` gathered bf16 parameters (those
-  reused soon: the LM head and the last layers).
+  weights and fp32 AdamW moments, partitioned. Gradient partitions are counted in fp32 (an upper bound: where
+  DeepSpeed accumulates gradients in bf16 they take 2T/N bytes less). ZeRO-2 leaves the frozen base whole on every
+  GPU and allocates `reduce_bucket_size` bf16 gradient buffers, two with overlap_comm. ZeRO-3 partitions every
+  parameter, allocates one such buffer, and after the first step keeps up to `stage3_max_live_parameters` gathered
+  bf16 parameters (those reused soon: the LM head and the last layers).
 
 Terms (bytes per GPU):
 
@@ -54,9 +55,10 @@ Terms (bytes per GPU):
 Left out (so real peaks are higher): the CUDA context and NCCL buffers (often 0.5-1.5 GiB), allocator caching and
 fragmentation, temporaries of single ops (the vision tower's working set, chunked by `vision_chunk_frames`; the
 fused attention kernels' workspace; the cross-attention of the query tokens over S slow tokens; FSDP/ZeRO
-all-gather and reduce-scatter staging), DataLoader pinned memory, and padding when a batch holds samples of
-different lengths. ZeRO-3 parameters under `stage3_param_persistence_threshold` stay whole on every GPU (norms and
-biases: `zero3_persistent` in the report, a few MiB). LoRA's saved inputs are not modelled (the 7B recipes use none).
+all-gather and reduce-scatter staging; the final norm's fp32 copy of [L, D], 4LD), DataLoader pinned memory, and
+padding when a batch holds samples of different lengths. ZeRO-3 parameters under `stage3_param_persistence_threshold`
+stay whole on every GPU (norms and biases: `zero3_persistent` in the report, a few MiB). LoRA's saved inputs are not
+modelled (the 7B recipes use none).
 """
 
 from __future__ import annotations
@@ -172,6 +174,9 @@ class Activations:
 
 @dataclass
 class MemoryReport:
+    """The estimate for one recipe on `gpus` GPUs: counts, tokens, activation terms and each strategy's terms
+    (bytes per GPU; `to_dict` adds GiB)."""
+
     name: str
     model: str
     gpus: int
