@@ -105,7 +105,8 @@ def build_app(qa: VideoQA, samples: dict[str, str], *, title: str = "slow-fast a
                     object_fit="contain",
                 )
         plot = gr.Plot(label="Where it looked")
-        values = gr.JSON(label="Per-frame values (seconds, slow-token reading, frames in the fast tokens)")
+        with gr.Accordion("Per-frame values", open=False):
+            values = gr.JSON(label="seconds, slow-token reading and the frames in the fast tokens")
 
         sample.change(lambda label: samples.get(label), sample, video, api_name=False)
         outputs = [slowfast, fast_only, gallery, plot, values, status]
@@ -143,7 +144,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    qa = VideoQA.load(args.base, args.adapter, num_frames=args.frames, max_new_tokens=args.max_new_tokens)
+    try:
+        qa = VideoQA.load(args.base, args.adapter, num_frames=args.frames, max_new_tokens=args.max_new_tokens)
+    except (OSError, ValueError) as error:  # AdapterError (a ValueError), a frame count the pooling cannot take
+        sys.exit(f"error: {error}")
     samples = sample_videos(args.samples)
     print(f"{args.base} + {args.adapter}: {qa.num_frames} frames per video, {len(samples)} samples", file=sys.stderr)
     build_app(qa, samples).launch(server_name=args.host, server_port=args.port)

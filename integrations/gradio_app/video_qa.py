@@ -86,6 +86,10 @@ class VideoQA:
         self.max_new_tokens = max_new_tokens
         self.cache_size = cache_size
         self._videos: OrderedDict[str, _Video] = OrderedDict()
+        units = num_frames // self.frames_per_unit
+        if units * self.frames_per_unit != num_frames:
+            raise ValueError(f"{num_frames} frames: the base takes frames in groups of {self.frames_per_unit}.")
+        plan_fast_frames(units, model.slowfast_config)  # raises now, not at the first question, if the pooling can't
         self._lock = threading.Lock()  # one question at a time: the model and the cache are shared
 
     @classmethod
