@@ -107,6 +107,7 @@ def test_app_answers_like_the_model_and_reuses_the_video(server, demo_dir):
     assert (slowfast, fast_only) == _direct_answers(demo_dir, video, QUESTION)
     assert slowfast != fast_only  # the open gates make the slow path matter
     assert len(values["per_frame"]) == len(values["timestamps"]) == FRAMES  # one value per frame
+    assert min(values["per_frame"]) >= 0 and max(values["per_frame"]) > 0  # open gates: the answer read the frames
     assert values["timestamps"] == pytest.approx(read_clip(video, FRAMES).timestamps.tolist())
     assert len(gallery) == 2 and values["fast_frames"] == [0, 2, 4, 6]  # 8 frames: keep every 2nd, average pairs
     assert "encoded on this question" in status

@@ -56,10 +56,7 @@ def _enlarge(image: np.ndarray, at_least: int = 160) -> np.ndarray:
 def status_line(answer: Answer) -> str:
     stats = answer.stats
     if answer.reused:
-        return (
-            f"video features reused (cache hits: {stats['hits']}, prompt prefix hits: {stats['prefix_hits']}; "
-            f"encoded once: {stats['misses']} miss)"
-        )
+        return f"video features reused (cache hits: {stats['hits']}; encoded once: {stats['misses']} miss)"
     return "video encoded on this question; follow-up questions on it reuse its features"
 
 

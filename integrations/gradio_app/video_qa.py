@@ -3,8 +3,8 @@
 `VideoQA.ask(path, question)` answers twice, with the slow path (slow-fast) and without it (fast tokens only), and
 says how much each frame's slow tokens were read for the answer. Each video is read and encoded once
 (`SlowFastModel.encode`) and kept in a small LRU cache keyed by a digest of the file's bytes, so follow-up
-questions on the same video reuse its features (and, in the slow-fast mode, the prompt's KV cache up to
-the video).
+questions on the same video reuse its features and slow K/V (not the prompt's KV cache: the map covers the whole
+prompt, so `where_it_looked` runs it).
 """
 
 from __future__ import annotations
@@ -61,10 +61,7 @@ def where_it_looked(
 
     The one place the app touches `sfa.where_it_looked` (slowfast_adapter/frame_attention.py).
     """
-    if not hasattr(sfa, "where_it_looked"):  # TEMPORARY until frame_attention.py lands: no map, zeros
-        sequences = model.generate(**inputs, encoded=encoded, max_new_tokens=max_new_tokens)
-        return sequences, [0.0] * len(timestamps), [float(t) for t in timestamps]
-    looked = sfa.where_it_looked(model, inputs, encoded=encoded, max_new_tokens=max_new_tokens, timestamps=timestamps)
+    looked = sfa.where_it_looked(model, inputs, encoded=encoded, max_new_tokens=max_new_tokens, timestamps=[timestamps])
     frames = int(looked.num_frames[0])
     per_frame = looked.per_frame(row=0, tokens="answer")[:frames]
     return looked.sequences, per_frame.tolist(), looked.timestamps[0, :frames].tolist()
@@ -149,8 +146,9 @@ class VideoQA:
             video = self._video(path)
             inputs = self.inputs(video.clip, question)
             reused = video.encoded is not None
-            if video.encoded is None:  # vision tower, projector and slow K/V once per video
-                video.encoded = self.model.encode(**inputs)
+            if video.encoded is None:  # vision tower, projector and slow K/V once per video; no prompt prefix:
+                videos = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+                video.encoded = self.model.encode(**videos)  # where_it_looked runs the whole prompt to map it
             length = inputs["input_ids"].shape[1]
             sequences, per_frame, times = where_it_looked(
                 self.model,
