@@ -211,7 +211,7 @@ def fast_frames(clip: VideoClip, model: sfa.SlowFastModel, frames_per_unit: int 
         group = kept[k * plan.pooling_stride : (k + 1) * plan.pooling_stride]
         frames = [u * frames_per_unit + i for u in group for i in range(frames_per_unit)]
         image = clip.frames[frames].astype(np.float32).mean(axis=0).round().astype(np.uint8)
-        where = ", ".join(f"{i} ({times[i]:.2f} s)" for i in frames)
-        label = f"mean of frames {where}" if len(frames) > 1 else f"frame {where}"
-        result.append(FastFrame(image, frames, f"fast frame {k}: {label}"))
+        span = f"{times[frames[0]]:.2f} s" + (f"-{times[frames[-1]]:.2f} s" if len(frames) > 1 else "")
+        label = ("frames " if len(frames) > 1 else "frame ") + "+".join(map(str, frames))
+        result.append(FastFrame(image, frames, f"{label} ({span})"))
     return result
