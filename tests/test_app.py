@@ -109,7 +109,8 @@ def test_app_answers_like_the_model_and_reuses_the_video(server, demo_dir):
     assert len(values["per_frame"]) == len(values["timestamps"]) == FRAMES  # one value per frame
     assert min(values["per_frame"]) >= 0 and max(values["per_frame"]) > 0  # open gates: the answer read the frames
     assert values["timestamps"] == pytest.approx(read_clip(video, FRAMES).timestamps.tolist())
-    assert len(gallery) == 2 and values["fast_frames"] == [0, 2, 4, 6]  # 8 frames: keep every 2nd, average pairs
+    assert values["unit"] == "frame" and values["fast"] == [0, 2, 4, 6]  # 8 frames: keep every 2nd, average pairs
+    assert len(gallery) == 2
     assert "encoded on this question" in status
 
     follow_up = "Is there a square?"

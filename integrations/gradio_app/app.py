@@ -71,9 +71,9 @@ def build_app(qa: VideoQA, samples: dict[str, str], *, title: str = "slow-fast a
         except (OSError, ValueError) as error:  # unreadable video, frame count the pooling cannot take, ...
             raise gr.Error(str(error)) from error
         gallery = [(_enlarge(frame.image), frame.caption) for frame in answer.fast_frames]
-        fast = sorted({i for frame in answer.fast_frames for i in frame.frames})
-        values = {"timestamps": answer.timestamps, "per_frame": answer.per_frame, "fast_frames": fast}
-        figure = heat_map(answer.per_frame, answer.timestamps, fast=fast)
+        fast = sorted({i for frame in answer.fast_frames for i in frame.units})
+        values = {"unit": answer.unit, "timestamps": answer.timestamps, "per_frame": answer.per_frame, "fast": fast}
+        figure = heat_map(answer.per_frame, answer.timestamps, fast=fast, unit=answer.unit)
         return answer.slowfast, answer.fast_only, gallery, figure, values, status_line(answer)
 
     config = qa.model.slowfast_config
@@ -103,7 +103,7 @@ def build_app(qa: VideoQA, samples: dict[str, str], *, title: str = "slow-fast a
                 )
         plot = gr.Plot(label="Where it looked")
         with gr.Accordion("Per-frame values", open=False):
-            values = gr.JSON(label="seconds, slow-token reading and the frames in the fast tokens")
+            values = gr.JSON(label="unit, seconds and slow-token reading of each, and those in the fast tokens")
 
         sample.change(lambda label: samples.get(label), sample, video, api_name=False)
         outputs = [slowfast, fast_only, gallery, plot, values, status]

@@ -7,8 +7,11 @@ from collections.abc import Sequence
 from matplotlib.figure import Figure
 
 
-def heat_map(per_frame: Sequence[float], timestamps: Sequence[float], *, fast: Sequence[int] = ()) -> Figure:
-    """One bar per frame at its time; frames that feed the fast tokens are outlined.
+def heat_map(
+    per_frame: Sequence[float], timestamps: Sequence[float], *, fast: Sequence[int] = (), unit: str = "frame"
+) -> Figure:
+    """One bar per frame (or temporal group: `unit`) at its time; those that feed the fast tokens (indices `fast`) are
+    outlined.
 
     Built on `matplotlib.figure.Figure` (not pyplot), so figures are freed with the last reference.
     """
@@ -24,8 +27,8 @@ def heat_map(per_frame: Sequence[float], timestamps: Sequence[float], *, fast: S
         if i in fast_set:
             bar.set_edgecolor("black")
             bar.set_linewidth(0.8)
-    axes.set_xlabel("frame time (s); outlined: frames pooled into the fast tokens")
+    axes.set_xlabel(f"{unit} time (s); outlined: {unit}s pooled into the fast tokens")
     axes.set_ylabel("slow-token reading")
-    axes.set_title("Where it looked: cross-attention x |gate| over the answer, per frame", fontsize=10)
+    axes.set_title(f"Where it looked: cross-attention x |gate| over the answer, per {unit}", fontsize=10)
     axes.margins(x=0.01)
     return figure

@@ -32,6 +32,7 @@ class FastFrame:
 
     image: np.ndarray  # uint8 [H, W, 3]
     frames: list[int]  # indices into the clip's frames
+    units: list[int]  # indices of their temporal units (frames; Qwen families: groups of 2 frames)
     caption: str
 
 
@@ -41,8 +42,9 @@ class Answer:
 
     slowfast: str
     fast_only: str
-    per_frame: list[float]  # slow-token reading of each frame for the slow-fast answer (one value per frame)
-    timestamps: list[float]  # seconds of each of those frames
+    per_frame: list[float]  # slow-token reading of each frame (or temporal group: `unit`) for the slow-fast answer
+    timestamps: list[float]  # seconds of each of those frames (a group's first frame)
+    unit: str  # "frame", or "temporal group" (Qwen families encode 2 frames per slice of slow tokens)
     fast_frames: list[FastFrame]
     reused: bool  # whether the video's encoded features were already cached (a follow-up question)
     stats: dict[str, int]  # the video's `EncodedVideos.stats` after this question
@@ -166,6 +168,7 @@ class VideoQA:
                 fast_only=self.decode(fast, length),
                 per_frame=per_frame,
                 timestamps=times,
+                unit=self.model.family.video_unit,
                 fast_frames=fast_frames(video.clip, self.model, self.frames_per_unit),
                 reused=reused,
                 stats=dict(video.encoded.stats),
@@ -213,5 +216,5 @@ def fast_frames(clip: VideoClip, model: sfa.SlowFastModel, frames_per_unit: int 
         image = clip.frames[frames].astype(np.float32).mean(axis=0).round().astype(np.uint8)
         span = f"{times[frames[0]]:.2f} s" + (f"-{times[frames[-1]]:.2f} s" if len(frames) > 1 else "")
         label = ("frames " if len(frames) > 1 else "frame ") + "+".join(map(str, frames))
-        result.append(FastFrame(image, frames, f"{label} ({span})"))
+        result.append(FastFrame(image, frames, group, f"{label} ({span})"))
     return result
