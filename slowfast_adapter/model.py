@@ -19,7 +19,7 @@ from .config import SlowFastConfig
 from .encoded import EncodedVideos, PromptPrefix, parameters_state, prefix_inputs, prepared_videos
 from .families import ModelFamily, PreparedInputs, family_for
 from .files import DEFAULT_ADAPTER, LORA_SUBFOLDER, AdapterError
-from .hybrid import HybridLayerHooks, register_step_hook
+from .hybrid import HybridLayerHooks, compute_input, register_step_hook
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -467,13 +467,26 @@ class SlowFastModel(nn.Module):
         self._refresh_trainable()
 
     def _projector_hook(self, base_module: nn.Module, index: int):
-        """Forward hook on the base's projector: outside `disable_adapter()`, the active adapter's copy answers."""
+        """Forward hook on the base's projector: outside `disable_adapter()`, the active adapter's copy answers.
+
+        The copy may hold another dtype than the base (fp32 after training under mixed precision, on a bf16 base):
+        its inputs are cast to the dtype it computes in (`hybrid.compute_input`) and its output to the base
+        projector's output dtype, so the rest of the base sees what its own projector would give."""
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             if module is not base_module or state.current_mode(id(self)) == "base":
                 return None
             projectors = self.slowfast_adapters[self._active_adapter].projectors
-            return None if projectors is None else projectors[index](*args)
+            if projectors is None:
+                return None
+            copy_ = projectors[index]
+            weight = next(copy_.parameters(), None)
+            if weight is not None:
+                args = tuple(compute_input(a, weight) if isinstance(a, torch.Tensor) else a for a in args)
+            result = copy_(*args)
+            if isinstance(result, torch.Tensor) and isinstance(output, torch.Tensor) and result.dtype != output.dtype:
+                result = result.to(output.dtype)
+            return result
 
         return hook
 
