@@ -21,19 +21,7 @@ from slowfast_adapter.tiny import build_tiny_llava_onevision, random_video
 from slowfast_adapter.training.recipe import TrainArgs
 from slowfast_adapter.training.trainer import TRAINABLE, Trainer, list_checkpoints, make_accelerator
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change once set: start each test from
-    none and leave none behind for the tests that ask for `mixed_precision: no`."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test makes a bf16 Accelerator
 
 CONFIG = SlowFastConfig(train_projector=True, hybrid_layer_interval=2, min_fast_frames=2)
 PROMPT = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What colour?"}]}]
