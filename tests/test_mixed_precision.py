@@ -2,8 +2,8 @@
 
 The frozen base stays bf16; the adapter's parameters, gradients, AdamW moments, checkpoints and saved adapter are
 fp32; autocast computes in bf16. An update below bf16's resolution is kept (a bf16 adapter lost it); a resumed run
-ends bit for bit where an uninterrupted one does; the saved adapter loads onto a fresh bf16 base (in bf16) and
-generates without autocast, as does the trained fp32 adapter in memory.
+ends bit for bit where an uninterrupted one does; the saved adapter loads onto a fresh bf16 base (in bf16; in fp32
+with `is_trainable=True`) and generates without autocast, as does the trained fp32 adapter in memory.
 """
 
 from __future__ import annotations
@@ -169,6 +169,14 @@ def test_saved_fp32_adapter_loads_onto_a_fresh_bf16_base_and_generates(tmp_path)
         logits = [m(**inputs).logits.float() for m in (loaded, trained)]
     assert logits[1].dtype == torch.float32 and torch.isfinite(logits[1]).all()
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0.1 * logits[0].abs().max().item())
+
+    # To train on: the saved fp32 weights stay fp32, exactly (not their bf16 rounding); the base stays bf16.
+    base, _ = build_tiny_llava_onevision()
+    again = SlowFastModel.from_pretrained(base.to(torch.bfloat16), tmp_path / "adapter", is_trainable=True)
+    assert {p.dtype for p in again.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in again.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert all(torch.equal(v, saved[k]) for k, v in again.adapter_state_dict().items())
+    assert torch.equal(again.generate(**inputs, max_new_tokens=4, do_sample=False), answers[1])
 
 
 def test_without_mixed_precision_the_parameters_keep_their_dtype():
