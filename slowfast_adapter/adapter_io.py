@@ -4,7 +4,10 @@ One adapter folder holds
 - `adapter_config.json`: format version, library version, the `SlowFastConfig`, the base model's identity
   (architecture, name, revision, a fingerprint of the shapes the adapter depends on) and what else is inside;
 - `adapter_model.safetensors`: the new parameters only (`slow_branches.<layer>.<param>`, and
-  `projector.<base module path>.<param>` when the projector was trained), never base weights;
+  `projector.<base module path>.<param>` when the projector was trained), never base weights, in the dtype they had
+  in memory: fp32 after training under mixed precision (the Trainer's fp32 master weights; PEFT saves its adapters
+  in fp32 too), the base's dtype for an adapter never trained so. Loading casts them to the adapter modules'
+  dtype, the base's (fp32 kept for `is_trainable=True`);
 - `lora/` (only with LoRA): PEFT's own `adapter_config.json` + `adapter_model.safetensors`;
 - `README.md`: a model card.
 Every file is written to a temporary name beside its target and renamed into place.

@@ -40,6 +40,30 @@ from . import surface
 from .attention import slow_cross_attention
 from .state import SlowContext, SlowItem, active_context, current_context
 
+
+def _autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """autocast's dtype where autocast is on for `weight`'s device, else None."""
+    device = weight.device.type
+    if device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer holding `weight` computes in: autocast's where autocast is on for the weight's
+    device (an fp32 adapter trained under bf16 mixed precision computes in bf16), else the weight's own (the same
+    adapter used for inference on a bf16 base without autocast computes in fp32; its result is cast back)."""
+    return _autocast_dtype(weight) or weight.dtype
+
+
+def compute_input(tensor: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A floating `tensor` going into a module holding `weight`: cast to the weight's dtype without autocast; under
+    autocast left as it is, for autocast to cast per op (an up-cast to an fp32 adapter's dtype would only copy it)."""
+    if not tensor.is_floating_point() or _autocast_dtype(weight) is not None:
+        return tensor
+    return tensor.to(weight.dtype)
+
+
 KV_CHUNK_TOKENS = 16384
 """Slow tokens projected to K/V per `kv_proj` call (bounds the temporaries on long videos)."""
 
@@ -82,7 +106,7 @@ class SlowBranch(nn.Module):
 
     def project_tokens(self, normed_slow: torch.Tensor) -> torch.Tensor:
         """normed_slow [..., S, D] -> K then V [..., S, 2 * H_kv * hd]. No positional encoding on slow keys."""
-        return self.kv_proj(normed_slow.to(self.kv_proj.weight.dtype))
+        return self.kv_proj(compute_input(normed_slow, self.kv_proj.weight))
 
     def project_slow(self, normed_slow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """normed_slow [B, S, D] -> key, value [B, H_kv, S, hd]."""
@@ -99,7 +123,7 @@ class SlowBranch(nn.Module):
         if self.gate_proj is None:
             return alpha.expand(*attn_output.shape[:-1], 1)
         # `.dtype` of a sharded parameter is its true dtype even where its data is an empty shard
-        return torch.tanh(self.gate_proj(attn_output.to(self.gate_proj.weight.dtype))) * alpha
+        return torch.tanh(self.gate_proj(compute_input(attn_output, self.gate_proj.weight))) * alpha
 
     def gate(self, attn_output: torch.Tensor) -> torch.Tensor:
         """attn_output [B, L, heads * hd] (before o_proj) -> gate [B, L, 1], through a call of this module."""
@@ -194,7 +218,8 @@ class HybridLayerHooks:
         slow, encoded = context.slow, context.encoded
         kv_proj = self.branch.kv_proj
         parameters = [p for p in (kv_proj.weight, kv_proj.bias, getattr(self.norm, "weight", None)) if p is not None]
-        kv = slow.tokens.new_zeros(*slow.tokens.shape[:2], kv_proj.out_features, dtype=kv_proj.weight.dtype)
+        # in kv_proj's output dtype: bf16 under autocast even for an fp32 adapter (no fp32 copy of the K/V is kept)
+        kv = slow.tokens.new_zeros(*slow.tokens.shape[:2], kv_proj.out_features, dtype=compute_dtype(kv_proj.weight))
         cached: dict[int, torch.Tensor] = {}
         if encoded is not None:
             for i, item in enumerate(slow.items):

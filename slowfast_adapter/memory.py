@@ -12,13 +12,19 @@ layers; L tokens in the LLM sequence (fast video tokens + text), S slow tokens; 
 What the code does, which the formulas follow (transformers 5.24, accelerate 1.15, DeepSpeed as published):
 - The recipe loads the base in bf16 and `wrap` creates the adapter in the base's dtype (bf16); the projector copy
   is a bf16 deepcopy. Only the adapter trains (both 7B recipes: `train_projector: true`, no LoRA).
-- DDP / one process: accelerate's bf16 is autocast only, so the adapter trains in bf16: torch AdamW keeps its two
-  moments in bf16, with no fp32 master copy. DDP adds its gradient buckets (gradient_as_bucket_view is False).
-- FSDP2 (fsdp.yaml): accelerate upcasts the trainable parameters to fp32 (sharded), gathers bf16 copies to compute
-  (param_dtype bf16), reduces gradients in bf16, keeps fp32 sharded gradients and AdamW moments. Units: every
-  decoder and vision layer (the `GradientCheckpointingLayer`s, as fsdp.yaml's `fsdp_transformer_layer_cls_to_wrap`
-  names them; Qwen2-VL needs Qwen2VLDecoderLayer,Qwen2VLVisionBlock there), the input embedding, the LM head (not
-  resharded after forward), and the root (the rest, adapter included: never resharded during a step).
+- DDP / one process: accelerate's bf16 is autocast only, so the Trainer keeps fp32 master weights itself
+  (`trainer.fp32_master_weights`: the trainable parameters become fp32 before `prepare`; the frozen base stays
+  bf16): fp32 gradients and fp32 AdamW moments. Autocast runs the adapter's matmuls in bf16 on bf16 copies of its
+  weights, cached for the forward and kept by autograd for the backward where the layer's input needs a gradient
+  (counted as 2T, an upper bound: the copy of the LLaVA projector's linear_1, whose input is the frozen tower's
+  output, is freed after the forward). DDP adds its gradient buckets, fp32 like the parameters
+  (gradient_as_bucket_view is False).
+- FSDP2 (fsdp.yaml): the trainable parameters are fp32 (the Trainer's upcast, which accelerate would otherwise make
+  itself), sharded; FSDP gathers bf16 copies to compute (param_dtype bf16), reduces gradients in bf16, keeps fp32
+  sharded gradients and AdamW moments. Units: every decoder and vision layer (the `GradientCheckpointingLayer`s, as
+  fsdp.yaml's `fsdp_transformer_layer_cls_to_wrap` names them; Qwen2-VL needs Qwen2VLDecoderLayer,Qwen2VLVisionBlock
+  there), the input embedding, the LM head (not resharded after forward), and the root (the rest, adapter included:
+  never resharded during a step).
 - DeepSpeed bf16 (ds_zero2.json, ds_zero3.json): the module runs in bf16; the ZeRO optimizer keeps fp32 master
   weights and fp32 AdamW moments, partitioned. Gradient partitions are counted in fp32 (an upper bound: where
   DeepSpeed accumulates gradients in bf16 they take 2T/N bytes less). ZeRO-2 leaves the frozen base whole on every
@@ -29,10 +35,12 @@ What the code does, which the formulas follow (transformers 5.24, accelerate 1.1
 Terms (bytes per GPU):
 
     frozen base            DDP, ZeRO-2: 2P              FSDP, ZeRO-3: 2P/N
-    trainable weights      DDP: 2T      FSDP: 4T/N      ZeRO-2: 2T + 4T/N     ZeRO-3: 2T/N + 4T/N
-    gradients              DDP: 2T + 2T (buckets)   FSDP: 4T/N + 2T (unsharded bf16 before reduce-scatter)
+    trainable weights      DDP: 4T + 2T (autocast's bf16 copies)   FSDP: 4T/N   ZeRO-2: 2T + 4T/N
+                           ZeRO-3: 2T/N + 4T/N
+    gradients              DDP: 4T + 4T (buckets)   FSDP: 4T/N + 2T (unsharded bf16 before reduce-scatter)
                            ZeRO-2, ZeRO-3: 4T/N
-    AdamW state            DDP: 2 x 2T + 4n (bf16 moments, fp32 step)   FSDP: 8T/N + 4n   ZeRO-2, ZeRO-3: 8T/N
+    (one process on one GPU, 'single': DDP's terms without the buckets)
+    AdamW state            DDP: 8T + 4n (fp32 moments, fp32 step)   FSDP: 8T/N + 4n   ZeRO-2, ZeRO-3: 8T/N
     gathered parameters    FSDP: 2 x (root unit + LM head + 2 decoder layers)   ZeRO-3: 2 x max_live   (else 0)
     DeepSpeed buffers      ZeRO-2: 2 x 2 x reduce_bucket_size   ZeRO-3: 2 x reduce_bucket_size   (else 0)
     activations            the same for every strategy:
@@ -75,8 +83,10 @@ GIB = 2**30
 BF16 = 2  # bytes per bf16 element
 FP32 = 4  # bytes per fp32 element
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+REPORTED = ("single", *STRATEGIES)
+"""The report's rows: one process on one GPU (no launcher, no DDP buckets), then each multi-GPU strategy."""
 STRATEGY_NAMES = {
-    "single": "1 process",
+    "single": "1 process (1 GPU)",
     "ddp": "DDP",
     "fsdp": "FSDP (full shard)",
     "zero2": "ZeRO-2",
@@ -306,9 +316,9 @@ def strategy_terms(
     """Bytes per GPU of each term for one strategy: 'single' (one process, no wrapper: what a CPU run measures),
     'ddp', 'fsdp', 'zero2' or 'zero3'."""
     P, T, n, N = counts.frozen, counts.trainable, counts.trainable_tensors, gpus
-    if strategy in ("single", "ddp"):  # bf16 adapter, bf16 AdamW moments + an fp32 step per tensor
-        grads = BF16 * T + (BF16 * T if strategy == "ddp" else 0)  # DDP: + its gradient buckets
-        return Terms(BF16 * P, BF16 * T, grads, 2 * BF16 * T + FP32 * n, 0, 0, activations)
+    if strategy in ("single", "ddp"):  # fp32 adapter (+ autocast's bf16 copies), fp32 moments + a step per tensor
+        grads = FP32 * T + (FP32 * T if strategy == "ddp" else 0)  # DDP: + its gradient buckets
+        return Terms(BF16 * P, FP32 * T + BF16 * T, grads, 2 * FP32 * T + FP32 * n, 0, 0, activations)
     if strategy == "fsdp":  # fp32 sharded adapter; bf16 unsharded gradients before the reduce-scatter
         gathered = BF16 * (counts.fsdp_root + counts.fsdp_lm_head + 2 * counts.fsdp_largest_layer)
         grads = FP32 * T / N + BF16 * T
@@ -383,13 +393,14 @@ def memory_report(
             "computed, not measured on a GPU; an estimate that leaves out the CUDA context, allocator fragmentation "
             "and temporary buffers (see slowfast_adapter/memory.py)",
             f"one video of {frames} frames + {text_tokens} text tokens per sample, batch {t.per_device_batch_size}",
-            "bf16 base and adapter; DDP trains the adapter in bf16 (no fp32 master copy), FSDP and DeepSpeed keep "
-            "fp32 master weights and moments",
+            "bf16 base; the adapter trains with fp32 master weights, gradients and AdamW moments under every "
+            "strategy (DDP: the Trainer's fp32 parameters under bf16 autocast; FSDP: fp32 shards; DeepSpeed: its "
+            "fp32 optimizer partitions)",
             "gradient checkpointing of every decoder layer; fused SDPA (no L x L matrix); logits over the whole "
             "sequence upcast to fp32 by the loss",
         ],
     )
-    for strategy in STRATEGIES:
+    for strategy in REPORTED:
         report.strategies[strategy] = strategy_terms(strategy, counts, gpus, activations.total, settings)
     return report
 
@@ -439,10 +450,11 @@ Command: `{command}` ({versions}; parameter counts exact on the meta device, no 
 
 An estimate from the formulas in `slowfast_adapter/memory.py` (its docstring states every assumption), bytes per GPU
 with P frozen and T trainable parameters on N GPUs:
-frozen base 2P (DDP, ZeRO-2) or 2P/N (FSDP, ZeRO-3); adapter weights, gradients and AdamW state in bf16 under DDP
-(2T + 2T + 2T buckets + 4T), fp32 and sharded under FSDP and DeepSpeed (4T/N + 4T/N + 8T/N, plus bf16 copies);
-gathered parameters (FSDP: root unit + LM head + 2 decoder layers; ZeRO-3: stage3_max_live_parameters) and
-DeepSpeed's gradient buckets (ZeRO-2: 2 x reduce_bucket_size, ZeRO-3: 1 x, bf16);
+frozen base 2P (1 process, DDP, ZeRO-2) or 2P/N (FSDP, ZeRO-3); adapter weights, gradients and AdamW state in fp32:
+whole in one process (4T + 2T autocast bf16 copies, 4T, 8T) and under DDP (+ 4T gradient buckets), sharded under FSDP
+and DeepSpeed (4T/N + 4T/N + 8T/N, plus bf16 copies); gathered parameters (FSDP: root unit + LM head + 2 decoder
+layers; ZeRO-3: stage3_max_live_parameters) and DeepSpeed's gradient buckets (ZeRO-2: 2 x reduce_bucket_size,
+ZeRO-3: 1 x, bf16);
 activations with gradient checkpointing = 2 x layers x L x D + S x (2D + h x (6D + 4kv)) + projector
 + max(12 x L x V, 2 x L x (12D + 4kv + 6I)).
 Left out: the CUDA context and NCCL buffers, allocator fragmentation, temporaries of single ops.

@@ -19,7 +19,7 @@ from .config import SlowFastConfig
 from .encoded import EncodedVideos, PromptPrefix, parameters_state, prefix_inputs, prepared_videos
 from .families import ModelFamily, PreparedInputs, family_for
 from .files import DEFAULT_ADAPTER, LORA_SUBFOLDER, AdapterError
-from .hybrid import HybridLayerHooks, register_step_hook
+from .hybrid import HybridLayerHooks, compute_input, register_step_hook
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -352,7 +352,8 @@ class SlowFastModel(nn.Module):
         """Load a saved adapter (local folder or Hub repo) as `adapter_name`, beside the others (not activated).
 
         Refuses, with `AdapterError`, anything that does not match this base exactly; nothing changes then.
-        `is_trainable=False` (PEFT's default) loads it frozen, for inference. `verify_checksums=False` skips the
+        `is_trainable=False` (PEFT's default) loads it frozen, for inference, in the base's dtype; True keeps saved
+        fp32 weights in fp32 (see `from_pretrained`). `verify_checksums=False` skips the
         sha256 check of the files (for a folder edited on purpose).
         """
         self._check_wrapped()
@@ -361,15 +362,23 @@ class SlowFastModel(nn.Module):
         with _must_fit(saved):
             self.add_adapter(adapter_name, saved.config, lora_config=_explicit_lora(saved))
         try:
-            self._load_tensors(adapter_name, saved, verify_checksums=verify_checksums)
+            self._load_tensors(adapter_name, saved, verify_checksums=verify_checksums, keep_precision=is_trainable)
         except BaseException:
             self._drop_adapter(adapter_name)
             raise
         self.set_adapter_trainable(adapter_name, is_trainable)
 
-    def _load_tensors(self, adapter_name: str, saved: adapter_io.SavedAdapter, *, verify_checksums: bool) -> None:
+    def _load_tensors(
+        self, adapter_name: str, saved: adapter_io.SavedAdapter, *, verify_checksums: bool, keep_precision: bool = False
+    ) -> None:
         """Copy a saved adapter's tensors into the (new) adapter `adapter_name`, checking keys and shapes, then
-        (with `verify_checksums`) the files' sha256 against those recorded at save time."""
+        (with `verify_checksums`) the files' sha256 against those recorded at save time.
+
+        The adapter's modules have the base's dtype (`wrap`), and the saved tensors are cast to it: an fp32 adapter
+        (trained under mixed precision) runs in bf16 on a bf16 base. With `keep_precision` (loading to train on)
+        the slow branches and projector copy are first made fp32 where the file holds fp32 tensors, so training
+        continues from the saved weights exactly rather than from their bf16 rounding (LoRA is loaded by PEFT, in
+        its layers' dtype)."""
         if saved.lora_config is not None:  # LoRA rebuilt from the config's lora_* fields must be the saved one
             built = self.lora_configs.get(adapter_name)
             fields = ("r", "lora_alpha", "lora_dropout", "target_modules")
@@ -384,6 +393,10 @@ class SlowFastModel(nn.Module):
             adapter_io.check_keys_and_shapes(self.lora_state_dict(adapter_name), saved.lora_tensors, saved.lora_path)
         if verify_checksums:
             saved.verify_checksums()
+        if keep_precision and any(t.dtype == torch.float32 for t in saved.tensors.values()):
+            for param in self.slowfast_adapters[adapter_name].parameters():
+                if param.dtype in (torch.bfloat16, torch.float16):
+                    param.data = param.data.to(torch.float32)
         adapter_io.copy_tensors(self.adapter_state_dict(adapter_name), saved.tensors)
         if saved.lora_tensors is not None:
             lora.load_state_dict(self.base_model, saved.lora_tensors, adapter_name)
@@ -467,13 +480,26 @@ class SlowFastModel(nn.Module):
         self._refresh_trainable()
 
     def _projector_hook(self, base_module: nn.Module, index: int):
-        """Forward hook on the base's projector: outside `disable_adapter()`, the active adapter's copy answers."""
+        """Forward hook on the base's projector: outside `disable_adapter()`, the active adapter's copy answers.
+
+        The copy may hold another dtype than the base (fp32 after training under mixed precision, on a bf16 base):
+        its inputs are cast to the dtype it computes in (`hybrid.compute_input`) and its output to the base
+        projector's output dtype, so the rest of the base sees what its own projector would give."""
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             if module is not base_module or state.current_mode(id(self)) == "base":
                 return None
             projectors = self.slowfast_adapters[self._active_adapter].projectors
-            return None if projectors is None else projectors[index](*args)
+            if projectors is None:
+                return None
+            copy_ = projectors[index]
+            weight = next(copy_.parameters(), None)
+            if weight is not None:
+                args = tuple(compute_input(a, weight) if isinstance(a, torch.Tensor) else a for a in args)
+            result = copy_(*args)
+            if isinstance(result, torch.Tensor) and isinstance(output, torch.Tensor) and result.dtype != output.dtype:
+                result = result.to(output.dtype)
+            return result
 
         return hook
 
@@ -537,7 +563,8 @@ class SlowFastModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
         """Write the adapters (all by default) to `save_directory`, as PEFT lays them out: "default" at the top,
         any other adapter in `save_directory/<name>/`. Each folder gets adapter_config.json,
-        adapter_model.safetensors (new parameters only), `lora/` (PEFT's format) if it has LoRA, and README.md."""
+        adapter_model.safetensors (new parameters only, in their dtype in memory: fp32 after training under mixed
+        precision, as PEFT saves its adapters), `lora/` (PEFT's format) if it has LoRA, and README.md."""
         self._check_wrapped()
         names = list(self.slowfast_adapters) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.slowfast_adapters]
@@ -580,7 +607,9 @@ class SlowFastModel(nn.Module):
         """Wrap `base_model` with a saved adapter, from a local folder or a Hub repo id (`revision`: Hub only).
 
         Refuses mismatches with `AdapterError` and leaves `base_model` untouched then. Like PEFT,
-        `is_trainable=False` loads the adapter frozen (inference); pass True to keep training it.
+        `is_trainable=False` loads the adapter frozen (inference); pass True to keep training it. The adapter takes
+        the base's dtype (a saved fp32 adapter runs in bf16 on a bf16 base), except with `is_trainable=True`, which
+        keeps saved fp32 weights in fp32 (the slow branches and projector copy).
         """
         if isinstance(base_model, SlowFastModel):
             raise TypeError("The model is already a SlowFastModel; pass its base (`model.unwrap()`) instead.")
@@ -588,7 +617,7 @@ class SlowFastModel(nn.Module):
         with _must_fit(saved):
             model = cls(base_model, saved.config, lora_config=_explicit_lora(saved), adapter_name=adapter_name)
         try:
-            model._load_tensors(adapter_name, saved, verify_checksums=verify_checksums)
+            model._load_tensors(adapter_name, saved, verify_checksums=verify_checksums, keep_precision=is_trainable)
         except BaseException:
             model.unwrap()
             raise

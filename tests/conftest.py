@@ -94,3 +94,16 @@ def open_gates(model, value: float = 1.5, seed: int = 0) -> None:
             if branch.gate_proj is not None:
                 branch.gate_proj.weight.copy_(torch.randn(branch.gate_proj.weight.shape, generator=generator))
                 branch.gate_proj.bias.fill_(1.0)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change once set: start a test that makes
+    its own Accelerator from none, and leave none behind."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

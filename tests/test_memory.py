@@ -14,6 +14,7 @@ from slowfast_adapter.config import SlowFastConfig
 from slowfast_adapter.configs import CONFIGS_DIR
 from slowfast_adapter.memory import (
     BF16,
+    FP32,
     STRATEGIES,
     DeepSpeedSettings,
     activation_bytes,
@@ -104,6 +105,7 @@ def test_frozen_base_is_sharded_exactly_over_the_gpus_and_totals_never_grow_with
     counts = count_model(model)
     ddp = strategy_terms("ddp", counts, 1, 0)
     assert ddp.frozen_base == BF16 * counts.frozen
+    assert ddp.total - strategy_terms("single", counts, 1, 0).total == FP32 * counts.trainable  # DDP's fp32 buckets
     previous = None
     for gpus in (1, 2, 4, 8, 16):
         terms = {s: strategy_terms(s, counts, gpus, 0) for s in STRATEGIES}
@@ -157,6 +159,7 @@ def test_report_results_file_and_config_comments_quote_the_same_numbers(seven_b)
     """The numbers in the recipe, the accelerate launch configs and benchmarks/results/memory_7b.* are this code's."""
     _, path, _, model = seven_b
     report = memory_report(path, 8, model=model)
+    assert list(report.strategies) == ["single", *STRATEGIES]
     assert "Computed, not measured" in format_markdown(report)
     header = path.read_text().split("\nmodel:")[0]
     assert "COMPUTED, not measured" in header and "slowfast_adapter/memory.py" in header
@@ -166,8 +169,9 @@ def test_report_results_file_and_config_comments_quote_the_same_numbers(seven_b)
         total = f"{terms.total / 2**30:.1f}"
         assert terms.total < 80 * 2**30  # fits the 80 GB GPUs the recipes name
         assert f"{total} GiB" in header, (strategy, header)
-        launch = (ROOT / "recipes" / "accelerate" / f"{strategy}.yaml").read_text()
-        assert f"{path.name} {total} GiB" in " ".join(launch.split()), strategy
+        if strategy != "single":  # one process needs no launch config
+            launch = (ROOT / "recipes" / "accelerate" / f"{strategy}.yaml").read_text()
+            assert f"{path.name} {total} GiB" in " ".join(launch.split()), strategy
         assert saved["strategies"][strategy]["bytes"]["total"] == pytest.approx(terms.total, rel=1e-12)
 
 
@@ -186,35 +190,63 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def test_single_process_weights_gradients_and_adamw_state_equal_a_real_step():
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_single_process_weights_gradients_and_adamw_state_equal_a_real_training_step():
+    """One optimizer step of the Trainer (what `slowfast-adapter train` runs) on the tiny bf16 base with
+    mixed_precision bf16 on the CPU: the frozen base bf16 (2P), fp32 master weights (4T) plus autocast's bf16
+    copies that autograd keeps for the backward (at most 2T), fp32 gradients (4T), fp32 AdamW moments and an fp32
+    step per tensor (8T + 4n)."""
+    import itertools
+
     from slowfast_adapter.tiny import random_video
-    from slowfast_adapter.training.trainer import parameter_groups
+    from slowfast_adapter.training.recipe import TrainArgs
+    from slowfast_adapter.training.trainer import Trainer, make_accelerator
 
     model, processor = _tiny_bf16_llava()
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What colour?"}]}],
         add_generation_prompt=True,
     )
-    batch = processor(text=prompt + "red", videos=[random_video(8)], return_tensors="pt")
-    batch["pixel_values_videos"] = batch["pixel_values_videos"].to(torch.bfloat16)
+    batch = dict(processor(text=prompt + "red", videos=[random_video(8)], return_tensors="pt"))
+    batch["labels"] = batch["input_ids"]
     with torch.no_grad():
         for branch in model.slow_branches.values():
             branch.attn_gate.fill_(0.5)  # open gates: the slow path reaches the loss
-    optimizer = torch.optim.AdamW(parameter_groups(model, {"slowfast": 1e-3, "projector": 1e-3, "lora": 1e-3}))
-    model(**batch, labels=batch["input_ids"]).loss.backward()
-    optimizer.step()
-
+    args = TrainArgs(max_steps=1, warmup_steps=0, lr_scheduler="constant", mixed_precision="bf16")
+    trainer = Trainer(model, args, lambda epoch, skip: itertools.repeat(batch),
+                      accelerator=make_accelerator(args, cpu=True), log=lambda message: None)  # fmt: skip
+    grads: list[torch.Tensor] = []
+    trainer.optimizer.optimizer.register_step_pre_hook(
+        lambda optimizer, a, k: grads.extend(p.grad for p in trainer.params if p.grad is not None)
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
+    copies: dict[int, int] = {}  # bf16 copies of trainable weights that autograd saved for the backward
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        whole = tensor.t() if tensor.ndim == 2 else tensor  # linear saves its weight transposed (a view)
+        if tensor.dtype == torch.bfloat16 and any(
+            whole.shape == p.shape and torch.equal(whole, p.detach().to(torch.bfloat16)) for p in trainable
+        ):
+            copies[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        trainer.fit()
+
     counts = count_model(model)
     terms = strategy_terms("single", counts, 1, 0)
-    assert all(p.grad is not None for p in trainable)
-    assert _tensor_bytes(p for p in model.parameters() if not p.requires_grad) == terms.frozen_base
-    assert _tensor_bytes(trainable) == terms.trainable_weights
-    assert _tensor_bytes(p.grad for p in trainable) == terms.gradients
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    assert len(optimizer.state) == counts.trainable_tensors
-    assert _tensor_bytes(state) == terms.optimizer  # bf16 moments + one fp32 step per tensor
-    assert strategy_terms("ddp", counts, 2, 0).gradients == 2 * terms.gradients  # + DDP's buckets
+    assert len(grads) == len(trainable) == counts.trainable_tensors  # every trainable tensor got a gradient
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert _tensor_bytes(frozen) == terms.frozen_base == BF16 * counts.frozen  # the base stays bf16
+    assert _tensor_bytes(trainable) == FP32 * counts.trainable  # fp32 master weights
+    assert 0 < sum(copies.values()) <= BF16 * counts.trainable  # autocast's copies: counted as 2T, an upper bound
+    assert terms.trainable_weights == (FP32 + BF16) * counts.trainable
+    assert _tensor_bytes(grads) == terms.gradients == FP32 * counts.trainable
+    state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    assert len(trainer.optimizer.state) == counts.trainable_tensors
+    assert {t.dtype for t in state} == {torch.float32}
+    assert _tensor_bytes(state) == terms.optimizer  # fp32 moments + one fp32 step per tensor
+    assert strategy_terms("ddp", counts, 2, 0).gradients == 2 * terms.gradients  # + DDP's fp32 buckets
 
 
 class _SavedBytes:

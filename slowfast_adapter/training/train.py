@@ -7,10 +7,11 @@ recipes/accelerate/<ddp|fsdp|zero2|zero3>.yaml -m slowfast_adapter.cli train ...
 
 Work is never lost: every `save_steps` optimizer steps a checkpoint is written to a temporary folder and
 renamed into `output_dir/checkpoints/checkpoint-<step>` only when complete. It holds the trainable
-parameters, the adapter (`adapter/`, loadable with `SlowFastModel.from_pretrained`), optimizer, scheduler,
-every rank's RNG states and the data position (epoch, batches consumed, sampler seed). A restarted run
-(`train.resume: auto`) continues from the latest complete checkpoint and ends with the same weights as
-an uninterrupted run. SIGTERM (e.g. a preempted job) saves a checkpoint at the next step and exits.
+parameters (fp32 under bf16/fp16 mixed precision, also on a bf16 base: see `Trainer.setup`), the adapter
+(`adapter/`, loadable with `SlowFastModel.from_pretrained`), optimizer, scheduler, every rank's RNG states and
+the data position (epoch, batches consumed, sampler seed). A restarted run (`train.resume: auto`) continues from
+the latest complete checkpoint and ends with the same weights as an uninterrupted run. SIGTERM (e.g. a preempted
+job) saves a checkpoint at the next step and exits.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 `batches(epoch, skip)` that yields this process's batches of `epoch` without the first `skip` (a DataLoader
 over a resumable plan, endless random batches, one batch repeated). Each concern is one method:
 
-- `setup`: optimizer groups, scheduler and `accelerator.prepare`;
+- `setup`: fp32 master weights under mixed precision, optimizer groups, scheduler and `accelerator.prepare`;
 - `resume`: continue exactly from a checkpoint (weights, optimizer, scheduler, RNG states, data position);
 - `step`: forward, backward, gradient clipping and the optimizer step, with gradient accumulation;
 - `log`: progress bar, `log.jsonl` and a text callback;
@@ -220,6 +220,28 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ engine
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def fp32_master_weights(model: nn.Module) -> list[str]:
+    """Cast `model`'s trainable half-precision parameters to fp32 in place; returns their names.
+
+    accelerate's mixed precision autocasts the forward (the matmuls still run in bf16/fp16) but leaves the
+    parameters as they are: on a base loaded in bf16 the adapter would train in bf16, with bf16 gradients and AdamW
+    moments and no fp32 master copy. An update smaller than half a bf16 step (2^-9 to 2^-8 of the weight) then
+    rounds away: AdamW moves a weight by about lr per step, so lr 2e-4 would leave every weight above 1/16 in
+    magnitude unchanged (and fp16's GradScaler refuses to unscale fp16 gradients). fp32 trainable parameters fix
+    that, as PEFT does for its adapters (`autocast_adapter_dtype=True`) and accelerate's FSDP2 for every trainable
+    parameter. The parameter objects stay the same (`param.data` is replaced), so optimizer groups built before or
+    after hold them; the frozen base keeps its dtype."""
+    names = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype in HALF_PRECISION:
+            param.data = param.data.to(torch.float32)
+            names.append(name)
+    return names
+
+
 def _mixed_precision(value: str) -> str:
     if value != "auto":
         return value
@@ -345,8 +367,19 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- setup
     def setup(self, model: nn.Module, groups: list[dict] | None) -> None:
-        """Optimizer, scheduler and `accelerator.prepare`; accelerate saves only the trainable tensors."""
+        """fp32 master weights, optimizer, scheduler and `accelerator.prepare`; accelerate saves only the trainable
+        tensors.
+
+        Under mixed precision (bf16/fp16 autocast) half-precision trainable parameters become fp32 first
+        (`fp32_master_weights`): their gradients, AdamW moments, checkpoints and the saved adapter are fp32 too.
+        DeepSpeed is left alone: it casts the module to bf16/fp16 itself and keeps fp32 master weights in its
+        optimizer. With `mixed_precision: no` the parameters train in the dtype they have (a bf16 base with
+        `no` trains in pure bf16, as asked)."""
         args, accelerator = self.args, self.accelerator
+        self.upcast: list[str] = []
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        if accelerator.mixed_precision in ("bf16", "fp16") and not deepspeed:
+            self.upcast = fp32_master_weights(model)
         self.groups = groups or parameter_groups(model, args.learning_rate, args.weight_decay)
         self.trainable = sum(p.numel() for g in self.groups for p in g["params"])
         optimizer = torch.optim.AdamW(self.groups, betas=tuple(args.adam_betas), eps=args.adam_epsilon)
@@ -560,7 +593,9 @@ class Trainer:
         self.log(
             f"training {self.trainable:,d} of {total:,d} parameters ({', '.join(g['name'] for g in self.groups)}) on "
             f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, mixed precision "
-            f"{accelerator.mixed_precision}; {self.total_steps} steps{per_epoch}"
+            f"{accelerator.mixed_precision}"
+            f"{f' ({len(self.upcast)} trainable tensors upcast to fp32)' if self.upcast else ''}; "
+            f"{self.total_steps} steps{per_epoch}"
         )
         stop = _Stop()
         previous = stop.install() if self.output_dir is not None else {}
