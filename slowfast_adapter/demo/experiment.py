@@ -249,24 +249,22 @@ def train_adapter(config: DemoConfig, base_dir: Path, slowfast: SlowFastConfig, 
     return model, processor, summary.get("best_score", float("nan"))
 
 
-def run(config: DemoConfig | None = None, log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
-    config = config or DemoConfig()
-    out = Path(config.output_dir)
-    data = out / "data"
-    torch.manual_seed(config.seed)
-    t0 = time.perf_counter()
-
-    log(f"[1/5] writing needle videos to {data}")
+def write_data(config: DemoConfig) -> Path:
+    """Write the needle videos and annotations of every split under `output_dir/data`; returns that folder."""
+    data = Path(config.output_dir) / "data"
     write_split(data, "pretrain", config.num_pretrain, num_frames=config.native_frames, size=config.frame_size,
                 needle_size=config.needle_size)  # fmt: skip
     for split, count in (("train", config.num_train), ("val", config.num_val), ("test", config.num_test)):
         write_split(data, split, count, num_frames=config.high_frames, size=config.frame_size,
                     needle_size=config.needle_size)  # fmt: skip
-    log(f"      {config.num_pretrain} pretrain videos of {config.native_frames} frames; train/val/test "
-        f"{config.num_train}/{config.num_val}/{config.num_test} of {config.high_frames} frames "
-        f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    return data
 
-    log(f"[2/5] pretraining a tiny LLaVA-OneVision base on {config.native_frames}-frame videos (native tokens)")
+
+def pretrain_base(config: DemoConfig, *, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """Build a tiny LLaVA-OneVision and pretrain it on the `native_frames` videos (native tokens) until it masters
+    its own held-out videos; save model and processor to `output_dir/pretrained-base` (the "base" a user would
+    download). Returns that folder and the trainer's summary. Needs `write_data` first."""
+    data = Path(config.output_dir) / "data"
     base, processor = build_tiny_llava_onevision(
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,
@@ -279,12 +277,30 @@ def run(config: DemoConfig | None = None, log: Callable[[str], None] = tqdm.writ
     held_out = max(1, config.num_pretrain // 10)  # the base's own validation videos
     pretrain = NeedleTask(data, "pretrain", config.native_frames, processor, part=slice(0, -held_out))
     pretrain_val = NeedleTask(data, "pretrain", config.native_frames, processor, part=slice(-held_out, None))
-    train(base, pretrain, steps=config.pretrain_steps, lr=config.pretrain_lr, batch_size=config.batch_size,
-          seed=config.seed, log=log, name="base", evaluate=lambda: accuracy(base, pretrain_val, slow_path=False),
-          eval_every=config.eval_every, stop_at=config.pretrain_target)  # fmt: skip
-    base_dir = out / "pretrained-base"
+    summary = train(base, pretrain, steps=config.pretrain_steps, lr=config.pretrain_lr, batch_size=config.batch_size,
+                    seed=config.seed, log=log, name="base",
+                    evaluate=lambda: accuracy(base, pretrain_val, slow_path=False), eval_every=config.eval_every,
+                    stop_at=config.pretrain_target)  # fmt: skip
+    base_dir = Path(config.output_dir) / "pretrained-base"
     base.save_pretrained(base_dir)
     processor.save_pretrained(base_dir)
+    return base_dir, summary
+
+
+def run(config: DemoConfig | None = None, log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
+    config = config or DemoConfig()
+    out = Path(config.output_dir)
+    torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
+
+    log(f"[1/5] writing needle videos to {out / 'data'}")
+    data = write_data(config)
+    log(f"      {config.num_pretrain} pretrain videos of {config.native_frames} frames; train/val/test "
+        f"{config.num_train}/{config.num_val}/{config.num_test} of {config.high_frames} frames "
+        f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+
+    log(f"[2/5] pretraining a tiny LLaVA-OneVision base on {config.native_frames}-frame videos (native tokens)")
+    base_dir, _ = pretrain_base(config, log=log)
     log(f"      saved the pretrained base to {base_dir} ({time.perf_counter() - t0:.0f} s)")
 
     log(f"[3/5] training the slow-fast adapter at {config.high_frames} frames")
