@@ -110,17 +110,9 @@ def check_run(notebook: dict) -> dict[str, Any]:
 def expected_trainable_parameters() -> int:
     """get_nb_trainable_parameters of a freshly wrapped base of the notebook's architecture (DemoConfig)."""
     from slowfast_adapter.demo.experiment import DemoConfig
-    from slowfast_adapter.tiny import build_tiny_llava_onevision
 
     config = DemoConfig()
-    base, _ = build_tiny_llava_onevision(
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_kv_heads=config.num_kv_heads,
-        intermediate_size=config.intermediate_size,
-        image_size=config.frame_size,
-        patch_size=config.patch_size,
-    )
+    base, _ = config.build_base()
     return slowfast_adapter.wrap(base, config.slowfast_config()).get_nb_trainable_parameters()[0]
 
 

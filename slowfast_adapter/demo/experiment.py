@@ -82,6 +82,18 @@ class DemoConfig:
     def slowfast_config(self) -> SlowFastConfig:
         return SlowFastConfig(**self.slowfast)
 
+    def build_base(self):
+        """(a fresh, untrained tiny LLaVA-OneVision of this config's shape, its processor)."""
+        return build_tiny_llava_onevision(
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            intermediate_size=self.intermediate_size,
+            image_size=self.frame_size,
+            patch_size=self.patch_size,
+            seed=self.seed,
+        )
+
 
 def _conversation(answer: str | None = None) -> list[dict]:
     turns = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
@@ -265,15 +277,7 @@ def pretrain_base(config: DemoConfig, *, log: Callable[[str], None]) -> tuple[Pa
     its own held-out videos; save model and processor to `output_dir/pretrained-base` (the "base" a user would
     download). Returns that folder and the trainer's summary. Needs `write_data` first."""
     data = Path(config.output_dir) / "data"
-    base, processor = build_tiny_llava_onevision(
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_kv_heads=config.num_kv_heads,
-        intermediate_size=config.intermediate_size,
-        image_size=config.frame_size,
-        patch_size=config.patch_size,
-        seed=config.seed,
-    )
+    base, processor = config.build_base()
     held_out = max(1, config.num_pretrain // 10)  # the base's own validation videos
     pretrain = NeedleTask(data, "pretrain", config.native_frames, processor, part=slice(0, -held_out))
     pretrain_val = NeedleTask(data, "pretrain", config.native_frames, processor, part=slice(-held_out, None))
