@@ -30,7 +30,7 @@ import torch
 from einops import reduce
 
 from .attention import slow_attention_mass
-from .state import SlowContext, SlowTokens
+from .state import SlowContext, SlowItem, SlowTokens
 
 if TYPE_CHECKING:
     from .model import SlowFastModel
@@ -105,9 +105,10 @@ class CallRecorder:
     def __init__(
         self, slow: SlowTokens, layers: list[int], unit: str, timestamps: Sequence[Sequence[float]] | None
     ) -> None:
-        self.frame_of_token, self.num_frames = frame_index(slow)
+        self.frame_of_token, self.num_frames = frame_index(slow)  # moved to the keys' device at first use
+        self.max_frames = int(self.num_frames.max())
         self.layers, self.unit = layers, unit
-        self.timestamps = unit_timestamps(slow, timestamps, self.num_frames)
+        self.timestamps = unit_timestamps(slow, timestamps)
         self.entries: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.prompt_ids = self.last_prompt_token = torch.empty(0, dtype=torch.long)  # set by `attach`
         self.new_tokens: torch.Tensor | None = None
@@ -116,13 +117,15 @@ class CallRecorder:
     def attend(self, query: torch.Tensor, key: torch.Tensor, slow: SlowTokens, *, scaling: float) -> torch.Tensor:
         """query [B, H, Lq, hd] (RoPE'd, as the cross-attention uses it), key [B_k, H_kv, S, hd] ->
         [B, Lq, F] float32 attention mass per frame, mean over heads."""
+        if self.frame_of_token.device != key.device:  # once per call, not per layer and step
+            self.frame_of_token = self.frame_of_token.to(key.device)
         with torch.no_grad():
             mass = slow_attention_mass(
                 query.detach(),
                 key.detach(),
                 slow.attend_mask.to(key.device),
-                self.frame_of_token.to(key.device),
-                int(self.num_frames.max()),
+                self.frame_of_token,
+                self.max_frames,
                 scaling=scaling,
             )
         return reduce(mass.float(), "b h l f -> b l f", "mean")
@@ -147,7 +150,7 @@ class CallRecorder:
         prompt_ids = expand(prompt_ids)
         token_ids = prompt_ids if self.new_tokens is None else torch.cat([prompt_ids, self.new_tokens], -1)
         length = max([self.prompt_ids.shape[1]] + [int(p.max()) + 1 for p, _, _ in self.entries.values() if p.numel()])
-        maps = torch.zeros(len(self.layers), batch, length, int(self.num_frames.max()))
+        maps = torch.zeros(len(self.layers), batch, length, self.max_frames)
         queried = torch.zeros(batch, length, dtype=torch.bool)
         for (_, layer_idx), (positions, valid, weights) in sorted(self.entries.items()):
             rows = torch.arange(positions.shape[0])[:, None].expand_as(positions)[valid]
@@ -167,40 +170,43 @@ class CallRecorder:
         )
 
 
+def _video_frames(slow: SlowTokens) -> tuple[list[tuple[SlowItem, int]], torch.Tensor]:
+    """Each video's item with the index of its first frame within its row (a row's videos' frames counted in
+    order; images have no frames), and num_frames [B] long."""
+    num_frames = torch.zeros(slow.mask.shape[0], dtype=torch.long)
+    videos = []
+    for item in slow.items:
+        if item.units:
+            videos.append((item, int(num_frames[item.row])))
+            num_frames[item.row] += item.units
+    return videos, num_frames
+
+
 def frame_index(slow: SlowTokens) -> tuple[torch.Tensor, torch.Tensor]:
     """(frame_of_token [B, S] long: each slow token's frame within its row, counting the row's videos' frames in
     order, -1 for images' tokens and padding; num_frames [B] long)."""
+    videos, num_frames = _video_frames(slow)
     frame_of_token = torch.full(slow.mask.shape, -1, dtype=torch.long)
-    num_frames = torch.zeros(slow.mask.shape[0], dtype=torch.long)
-    for item in slow.items:
-        if not item.units:
-            continue
+    for item, first in videos:
         if item.length % item.units:
             raise ValueError(f"A video of {item.units} frames has {item.length} slow tokens, not a multiple.")
-        per_frame = item.length // item.units
-        first = int(num_frames[item.row])
-        frames = torch.arange(first, first + item.units).repeat_interleave(per_frame)
+        frames = torch.arange(first, first + item.units).repeat_interleave(item.length // item.units)
         frame_of_token[item.row, item.start : item.start + item.length] = frames
-        num_frames[item.row] += item.units
     return frame_of_token, num_frames
 
 
-def unit_timestamps(
-    slow: SlowTokens, timestamps: Sequence[Sequence[float]] | None, num_frames: torch.Tensor
-) -> torch.Tensor:
+def unit_timestamps(slow: SlowTokens, timestamps: Sequence[Sequence[float]] | None) -> torch.Tensor:
     """float64 [B, F]: each frame's time (the first frame's time for a temporal group), NaN past a row's frames.
 
     timestamps: per video, in the order the processor got the videos (row-major), the time in seconds of each
     frame given to the processor, e.g. `VideoClip.timestamps`; None: frame (or group) indices."""
+    videos, num_frames = _video_frames(slow)
     times = torch.full((num_frames.shape[0], max(1, int(num_frames.max()))), float("nan"), dtype=torch.float64)
-    videos = [item for item in slow.items if item.units]
     if timestamps is not None and len(timestamps) != len(videos):
         raise ValueError(f"timestamps has {len(timestamps)} entries but the inputs hold {len(videos)} videos.")
-    filled = [0] * num_frames.shape[0]
-    for i, item in enumerate(videos):
-        start = filled[item.row]
+    for i, (item, first) in enumerate(videos):
         if timestamps is None:
-            values = torch.arange(start, start + item.units, dtype=torch.float64)
+            values = torch.arange(first, first + item.units, dtype=torch.float64)
         else:
             given = torch.as_tensor(timestamps[i], dtype=torch.float64)
             if given.numel() == 0 or given.numel() % item.units:
@@ -209,8 +215,7 @@ def unit_timestamps(
                     "timestamp per frame given to the processor."
                 )
             values = given[:: given.numel() // item.units]
-        times[item.row, start : start + item.units] = values
-        filled[item.row] += item.units
+        times[item.row, first : first + item.units] = values
     return times
 
 

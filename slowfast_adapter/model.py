@@ -150,11 +150,13 @@ class SlowFastModel(nn.Module):
         new_tokens = sequences[:, prepared.input_ids.shape[1] :]
         prompt = input_ids.to(sequences.device).repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
         sequences = torch.cat([prompt, new_tokens], dim=-1)
-        if not isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor):
+            output = sequences
+        else:
             output.sequences = sequences
         if context is not None and context.frame_attention is not None:
-            context.frame_attention.finish(new_tokens, output if not isinstance(output, torch.Tensor) else sequences)
-        return output if not isinstance(output, torch.Tensor) else sequences
+            context.frame_attention.finish(new_tokens, output)
+        return output
 
     @torch.no_grad()
     def encode(self, *, into: EncodedVideos | None = None, **inputs: Any) -> EncodedVideos:

@@ -126,9 +126,10 @@ class LlavaOnevisionFamily(ModelFamily):
             rows = placeholder_item_rows(input_ids, video_id, native, what="video")
             keep &= placeholder_keep_mask(input_ids, video_id, native, torch.full_like(native, fast.shape[1]))
             mm_outputs["video"] = BaseModelOutputWithPooling(pooler_output=fast)
+            units = self.video_units(video_inputs)
             slow_items += [
-                SlowPiece(int(row), self.slow_video_tokens(v), key, num_frames)
-                for row, v, key in zip(rows, videos, keys, strict=True)
+                SlowPiece(int(row), self.slow_video_tokens(v), key, count)
+                for row, v, key, count in zip(rows, videos, keys, units, strict=True)
             ]
 
         pixel_values = inputs.pop("pixel_values", None)

@@ -93,9 +93,10 @@ class Qwen2VLFamily(ModelFamily):
                 fast_grids.append([plan.num_fast_frames, fast_h * merge, fast_w * merge])
             native = torch.tensor([video.shape[0] for video in output.pooler_output])
             rows = placeholder_item_rows(input_ids, video_id, native, what="video")
+            units = self.video_units(video_inputs)
             slow_items += [
-                SlowPiece(int(row), self.slow_video_tokens(v), key, int(grid[0]))
-                for row, v, key, grid in zip(rows, videos, keys, grids.tolist(), strict=True)
+                SlowPiece(int(row), self.slow_video_tokens(v), key, count)
+                for row, v, key, count in zip(rows, videos, keys, units, strict=True)
             ]
             output.pooler_output = pool_videos(output.pooler_output, grids, plans, merge)
             self.pool_extra_video_features(output, grids, plans, merge)
