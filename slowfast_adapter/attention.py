@@ -14,6 +14,9 @@ same pass and with the same softmax: `slow_attention_mass` ("where it looked", `
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -26,18 +29,22 @@ def slow_cross_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    key_padding_mask: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
     *,
     scaling: float,
     implementation: str = "sdpa",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    packed_keys: PackedKeys | None = None,
 ) -> torch.Tensor:
     """Attend queries to the slow tokens of their own sample.
 
-    query: [B_q, H, L_q, hd]; key, value: [B_k, H_kv, S, hd]; key_padding_mask: [B_k, S] (True = attend).
-    B_q may be a multiple n of B_k (beam search / several returned sequences): query rows
+    query: [B_q, H, L_q, hd]; key, value: [B_k, H_kv, S, hd]; key_padding_mask: [B_k, S] (True = attend, each
+    row's real keys first), or None when every key of every row is real (no mask reaches the kernel, so SDPA may
+    pick its flash kernel). B_q may be a multiple n of B_k (beam search / several returned sequences): query rows
     b*n .. b*n+n-1 belong to slow sample b, as `repeat_interleave` lays them out.
-    chunk_size: slow tokens per step of the eager kernel (ignored by sdpa, see the module docstring).
+    implementation: the base's attention implementation; `kernel_for` says which kernel runs for it.
+    chunk_size: slow tokens per step of the eager kernel (ignored by the others, see the module docstring).
+    packed_keys: where the real keys sit (flash-attn's varlen kernel, for padded rows; see `PackedKeys`).
     Returns [B_q, H, L_q, hd].
 
     GQA and the batch expansion are folded into the query length ([B_k, H_kv, n*G*L_q, hd]), so the
@@ -47,12 +54,90 @@ def slow_cross_attention(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     folded, unfold = _fold_queries(query, key)
-    if implementation == "eager":
+    kernel = kernel_for(implementation, folded)
+    if kernel == "eager":
         out = chunked_eager_attention(folded, key, value, key_padding_mask, scaling=scaling, chunk_size=chunk_size)
-    else:  # sdpa; flash-attention base models also run this branch through SDPA's fused kernels
-        mask = key_padding_mask[:, None, None, :]  # [B_k, 1, 1, S]
+    elif kernel == "flash_attn":
+        if key_padding_mask is not None and packed_keys is None:
+            packed_keys = PackedKeys.from_mask(key_padding_mask)
+        out = _flash_attention(folded, key, value, None if key_padding_mask is None else packed_keys, scaling=scaling)
+    else:  # SDPA: a boolean [B, 1, 1, S] mask is what its memory-efficient and cuDNN kernels take; none -> flash too
+        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     return unfold(out)
+
+
+def flash_attn_functions() -> tuple[Callable, Callable] | None:
+    """flash-attn's (`flash_attn_func`, `flash_attn_varlen_func`) where the package is installed, else None."""
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def kernel_for(implementation: str, query: torch.Tensor) -> str:
+    """The kernel the cross-attention runs for a base attention `implementation` on `query`'s device and dtype:
+    "eager" (the chunked kernel below) for an eager base; "flash_attn" for a flash-attention base where flash-attn
+    is installed and the query is a CUDA fp16/bf16 tensor; "sdpa" otherwise (SDPA picks its own fused kernel)."""
+    if implementation == "eager":
+        return "eager"
+    if (
+        implementation.startswith("flash_attention")
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and flash_attn_functions() is not None
+    ):
+        return "flash_attn"
+    return "sdpa"
+
+
+class PackedKeys(NamedTuple):
+    """The real keys of a padded [B, S] key mask, packed row after row (flash-attn's varlen layout).
+
+    lengths: [B] int32, real keys per row; index: [N] long, their flat positions b * S + s in row order."""
+
+    lengths: torch.Tensor
+    index: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, key_padding_mask: torch.Tensor) -> PackedKeys:
+        """From a [B, S] mask (one host sync, once per call: the index has a data-dependent length)."""
+        return cls(key_padding_mask.sum(-1, dtype=torch.int32), key_padding_mask.flatten().nonzero().squeeze(1))
+
+
+def _flash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    packed_keys: PackedKeys | None,
+    *,
+    scaling: float,
+    functions: tuple[Callable, Callable] | None = None,
+) -> torch.Tensor:
+    """flash-attn over folded queries [B, H, M, hd] and keys [B, H, S, hd] -> [B, H, M, hd]: the plain kernel when
+    no row is padded (`packed_keys` None), else the varlen kernel over each row's real keys.
+    functions: (`flash_attn_func`, `flash_attn_varlen_func`), flash-attn's by default (tests pass stand-ins)."""
+    dense, varlen = functions or flash_attn_functions()
+    q, k, v = (rearrange(t, "b h s d -> b s h d") for t in (query, key, value))
+    if packed_keys is None:
+        return rearrange(dense(q, k, v, softmax_scale=scaling, causal=False), "b m h d -> b h m d")
+    batch, queries = q.shape[:2]
+    lengths, index = (t.to(k.device) for t in packed_keys)
+    cu_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # [B + 1]
+    cu_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * queries
+    out = varlen(
+        q.reshape(batch * queries, *q.shape[2:]),
+        k.flatten(0, 1)[index],  # [N, H, hd]: a long index, no host sync
+        v.flatten(0, 1)[index],
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=queries,
+        max_seqlen_k=k.shape[1],
+        softmax_scale=scaling,
+        causal=False,
+    )  # [B * M, H, hd]
+    return rearrange(out, "(b m) h d -> b h m d", b=batch)
 
 
 def slow_attention_mass(
@@ -108,7 +193,7 @@ def chunked_eager_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor | None,
-    key_padding_mask: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
     *,
     scaling: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -117,8 +202,8 @@ def chunked_eager_attention(
     """softmax(q k^T * scaling, masked) v, over the keys in chunks merged with an online softmax.
 
     query: [B, H, M, hd]; key, value: [B, H, S, hd]; key_padding_mask: [B, S] (True = attend, at least
-    one per row). Returns [B, H, M, hd] in the query's dtype. Scores, running max and sum are float32
-    (or float64 for float64 inputs); peak extra memory is O(B * H * M * chunk_size), not O(.. * S).
+    one per row), or None: every key is real. Returns [B, H, M, hd] in the query's dtype. Scores, running max and
+    sum are float32 (or float64 for float64 inputs); peak extra memory is O(B * H * M * chunk_size), not O(.. * S).
 
     With one chunk this is the plain softmax: masked scores are set to the dtype's lowest value, so
     they get weight exactly 0 once a real key has been seen; a chunk with no real key so far only adds
@@ -136,7 +221,9 @@ def chunked_eager_attention(
     for start in range(0, key.shape[-2], chunk_size):
         stop = start + chunk_size
         scores = torch.matmul(query, key[..., start:stop, :].transpose(-1, -2)) * scaling  # [B, H, M, c]
-        scores = scores.to(stats_dtype).masked_fill(~key_padding_mask[:, None, None, start:stop], lowest)
+        scores = scores.to(stats_dtype)
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(~key_padding_mask[:, None, None, start:stop], lowest)
         chunk_max = scores.amax(dim=-1, keepdim=True)
         new_max = chunk_max if running_max is None else torch.maximum(running_max, chunk_max)
         probs = torch.exp(scores - new_max)  # [B, H, M, c], unnormalised

@@ -26,6 +26,7 @@ belongs to the decoder layer's unit and is still sharded there, so `unsharded` r
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -255,52 +256,104 @@ class HybridLayerHooks:
             return None
         hidden = surface.attention_hidden_states(args, kwargs)  # [B, L, D]
         batch, length = hidden.shape[:2]
-        # Which of this step's tokens query: the step's position comes from the language model's step hook
-        # (`SlowContext.begin_step`), never from a keyword argument of this call.
-        query_mask = context.step_query_mask(length, batch).to(hidden.device)  # [B, L]
-        has_slow = context.slow.has_slow.to(hidden.device)
-        has_slow = has_slow.repeat_interleave(batch // has_slow.shape[0])
-        counts = query_mask.sum(-1)
-        num_queries = int(counts.max())
-        if num_queries == 0:
+        plan = step_plan(context, length, batch, hidden.device)
+        if plan is None:  # no token of this step queries
             return None
-        context.record_read(self.layer_idx, counts * has_slow)
-        # Query tokens first (stable), so each row's queries are its first `counts[b]` entries.
-        index = torch.argsort((~query_mask).to(torch.int8), dim=-1, stable=True)[:, :num_queries]  # [B, Lq]
-        valid = (torch.arange(num_queries, device=hidden.device) < counts[:, None]) & has_slow[:, None]
-
-        query = self.query_states(self.attn, _gather_tokens(hidden, index))  # [B, H, Lq, hd]
+        context.record_read(self.layer_idx, plan.per_row)
+        # Dense steps run every token; long steps gather their query tokens (and those tokens' RoPE) first.
+        pick = (lambda t: t) if plan.index is None else (lambda t: _gather_tokens(t.expand(batch, -1, -1), plan.index))
+        query = self.query_states(self.attn, pick(hidden))  # [B, H, Lq, hd]
         if self.query_rope:
             cos, sin = surface.attention_rope(kwargs)
-            cos, sin = (_gather_tokens(t.expand(batch, -1, -1), index) for t in (cos, sin))
-            query = self.rope(query, cos, sin)
+            query = self.rope(query, pick(cos), pick(sin))
         key, value = self.slow_kv(context)
         query = query.to(key.dtype)
+        slow = context.slow
+        mask = slow.kernel_mask
         cross = slow_cross_attention(
             query,
             key,
             value,
-            context.slow.attend_mask.to(key.device),
+            None if mask is None else mask.to(key.device),
             scaling=self.scaling,
-            implementation="eager" if surface.attention_implementation(self.attn) == "eager" else "sdpa",
+            implementation=surface.attention_implementation(self.attn),
+            packed_keys=slow.packed_keys,
         )
         looks = context.frame_attention  # "where it looked" (frame_attention.py); None unless asked for
-        frame_mass = None if looks is None else looks.attend(query, key, context.slow, scaling=self.scaling)
-        context.pending[self.layer_idx] = (index, valid, rearrange(cross, "b h l d -> b l (h d)"), frame_mass)
+        frame_mass = None if looks is None else looks.attend(query, key, slow, scaling=self.scaling)
+        context.pending[self.layer_idx] = (plan, rearrange(cross, "b h l d -> b l (h d)"), frame_mass)
         return None
 
     def _before_o_proj(self, module: nn.Module, args: tuple) -> tuple | None:
         context = active_context(self.owner)
         if context is None or self.layer_idx not in context.pending:
             return None
-        index, valid, cross, frame_mass = context.pending.pop(self.layer_idx)
+        plan, cross, frame_mass = context.pending.pop(self.layer_idx)
         (attn_output,) = args  # [B, L, heads * hd], the self-attention output before o_proj
-        gate = self.branch.gate(_gather_tokens(attn_output, index))  # [B, Lq, 1]
+        queried = attn_output if plan.index is None else _gather_tokens(attn_output, plan.index)
+        gate = self.branch.gate(queried)  # [B, Lq, 1]
         if frame_mass is not None:  # [B, Lq, F] attention mass per frame, times |gate|
             weights = frame_mass * gate.detach().abs().float()
-            context.frame_attention.record(context, self.layer_idx, index, valid, weights)
-        update = (gate * cross * valid[..., None]).to(attn_output.dtype)
-        return (attn_output.scatter_add(1, index[..., None].expand_as(update), update),)
+            context.frame_attention.record(context, self.layer_idx, plan.positions(), plan.valid, weights)
+        update = (gate * cross * plan.valid[..., None]).to(attn_output.dtype)  # [B, Lq, heads * hd]
+        if plan.index is None:
+            return (attn_output + update,)
+        return (attn_output.scatter_add(1, plan.index[..., None].expand_as(update), update),)
+
+
+DENSE_STEP_TOKENS = 8
+"""Steps of at most this many tokens (decode steps, assisted decoding's candidates) run every token of the step
+through the cross-attention and multiply the update by the query mask: fixed shapes and no host sync, so a decode
+step compiles to one graph. Longer steps (prefill, its chunks) gather the query tokens first (one host sync per step)
+so the fast visual tokens, most of a prompt, cost no cross-attention."""
+
+
+@dataclass
+class StepPlan:
+    """Which tokens of one language-model step query the slow tokens; shared by the step's hybrid layers.
+
+    index: [B, Lq] long, the positions in the step of the tokens that run through the cross-attention (each row's
+    query tokens first, in order), or None when every token of the step runs (dense: Lq = L). valid: [B, Lq] bool,
+    which of them really query (and whose sample has slow tokens); their update is kept, the others' multiplied
+    by 0. per_row: [B] the query count of each row. start: the step's first position in the sequence.
+    """
+
+    index: torch.Tensor | None
+    valid: torch.Tensor
+    per_row: torch.Tensor
+    start: int | torch.Tensor
+
+    def positions(self) -> torch.Tensor:
+        """[B, Lq] the sequence positions of the planned tokens."""
+        if self.index is None:
+            length = self.valid.shape[1]
+            local = torch.arange(length, device=self.valid.device).expand_as(self.valid)
+        else:
+            local = self.index
+        return local + self.start
+
+
+def step_plan(context: SlowContext, length: int, batch: int, device: torch.device) -> StepPlan | None:
+    """The current step's `StepPlan`, worked out once per step (None: no token queries; prefill only)."""
+    if context.step_plan is not None:
+        return context.step_plan
+    query_mask = context.step_query_mask(length, batch).to(device)  # [B, L]
+    has_slow = context.slow.has_slow.to(device)
+    has_slow = has_slow.repeat_interleave(batch // has_slow.shape[0])
+    if length <= DENSE_STEP_TOKENS:
+        valid = query_mask & has_slow[:, None]
+        plan = StepPlan(None, valid, valid.sum(-1), context.step_start)
+    else:
+        counts = query_mask.sum(-1)
+        num_queries = int(counts.max())  # the one host sync of a long step
+        if num_queries == 0:
+            return None
+        # Query tokens first (stable), so each row's queries are its first `counts[b]` entries.
+        index = torch.argsort((~query_mask).to(torch.int8), dim=-1, stable=True)[:, :num_queries]  # [B, Lq]
+        valid = (torch.arange(num_queries, device=device) < counts[:, None]) & has_slow[:, None]
+        plan = StepPlan(index, valid, counts * has_slow, context.step_start)
+    context.step_plan = plan
+    return plan
 
 
 def register_step_hook(model: nn.Module, owners: Callable[[], set[int]]) -> torch.utils.hooks.RemovableHandle:

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from .attention import PackedKeys
 from .surface import changed
 
 if TYPE_CHECKING:
@@ -49,33 +49,41 @@ class SlowPiece(NamedTuple):
 
 @dataclass
 class SlowTokens:
-    """The slow tokens of a batch, padded: tokens [B, S, D], mask [B, S] (True = real token).
+    """The slow tokens of a batch, padded: tokens [B, S, D], mask [B, S] (True = real token; each row's real
+    tokens come first).
 
     items: where each video's (or image's) tokens sit, in row order; by default one item per row holding the
     row's leading real tokens. Slow K/V are projected item by item, so a video's K/V do not depend on the
     batch it is in (and can be cached, see `encoded.py`).
+
+    Derived once here, so a decode step reads them without a host sync (and `torch.compile` sees plain fields):
+    has_slow [B] bool, the sample has at least one slow token; attend_mask [B, S], the key mask with no empty row
+    (empty samples' outputs are zeroed by the caller); padded, whether any row of it has a False (else attention
+    runs with no mask at all); packed_keys, the real keys of a padded batch for flash-attn's varlen kernel.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
     items: list[SlowItem] | None = None
+    has_slow: torch.Tensor = field(init=False, repr=False)
+    attend_mask: torch.Tensor = field(init=False, repr=False)
+    padded: bool = field(init=False, repr=False)
+    packed_keys: PackedKeys | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        counts = self.mask.sum(-1)
         if self.items is None:
-            counts = self.mask.sum(-1).tolist()
-            self.items = [SlowItem(row, 0, int(count)) for row, count in enumerate(counts) if count]
+            self.items = [SlowItem(row, 0, int(count)) for row, count in enumerate(counts.tolist()) if count]
+        self.has_slow = counts > 0
+        self.attend_mask = self.mask.clone()
+        self.attend_mask[:, 0] |= ~self.has_slow
+        self.padded = not bool(self.attend_mask.all())
+        self.packed_keys = PackedKeys.from_mask(self.attend_mask) if self.padded else None
 
-    @cached_property
-    def has_slow(self) -> torch.Tensor:
-        """[B] bool: the sample has at least one slow token."""
-        return self.mask.any(-1)
-
-    @cached_property
-    def attend_mask(self) -> torch.Tensor:
-        """[B, S] key mask that never leaves a row empty (empty samples' outputs are zeroed by the caller)."""
-        mask = self.mask.clone()
-        mask[:, 0] |= ~self.has_slow
-        return mask
+    @property
+    def kernel_mask(self) -> torch.Tensor | None:
+        """`attend_mask` where some row is padded, else None: the attention kernels run unmasked then."""
+        return self.attend_mask if self.padded else None
 
     @classmethod
     def pack(cls, items: list[SlowPiece], batch_size: int) -> SlowTokens | None:
@@ -133,7 +141,9 @@ class SlowContext:
     (the reference implementation's decode behaviour, for benchmarks); outputs are the same.
     step_start, step_length: where the language model's current forward starts in the sequence and how
     many tokens it runs; set once per step by `begin_step` (a hook on the language model), read by every
-    hybrid layer. Positions come from the step's KV cache, so greedy, sampling, beam search, chunked
+    hybrid layer. step_start is an int, or a 0-d tensor under a static cache (its length lives on the device).
+    step_plan: which of the step's tokens query, worked out by the step's first hybrid layer and reused by the
+    others (`hybrid.StepPlan`). Positions come from the step's KV cache, so greedy, sampling, beam search, chunked
     prefill, cropped (assisted) caches and `use_cache=False` all get the right query mask.
     stats: counters for tests and benchmarks: "steps" (language-model forwards), "slow_reads" (hybrid
     layer calls in which at least one token read the slow tokens), "kv_projections" (slow K/V projections;
@@ -152,8 +162,9 @@ class SlowContext:
     slow_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     reproject_slow_kv: bool = False
     pending: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    step_start: int | None = None
+    step_start: int | torch.Tensor | None = None
     step_length: int | None = None
+    step_plan: Any = None
     stats: dict[str, int] = field(default_factory=lambda: {"steps": 0, "slow_reads": 0, "kv_projections": 0})
     reads: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     encoded: EncodedVideos | None = None
@@ -166,20 +177,31 @@ class SlowContext:
             recorder.append(self)
 
     def record_read(self, layer_idx: int, per_row: torch.Tensor) -> None:
-        """A hybrid layer call in which `per_row` [B] tokens of each row read the slow tokens."""
+        """A hybrid layer call in which `per_row` [B] tokens of each row read the slow tokens (eager only: a
+        compiled step keeps no Python-side record, which would change what `torch.compile` guards on per token)."""
+        if torch.compiler.is_compiling():
+            return
         self.reads.append((self.stats["steps"], layer_idx, per_row))
         self.stats["slow_reads"] += 1
 
-    def begin_step(self, length: int, cached: int | None) -> None:
-        """A language-model forward over `length` tokens, after `cached` tokens in its KV cache (None: no cache)."""
+    def begin_step(self, length: int, cached: int | torch.Tensor | None) -> None:
+        """A language-model forward over `length` tokens, after `cached` tokens in its KV cache (None: no cache).
+
+        `cached` is read as a value: a static cache reports its length as a tensor it advances in place inside its
+        first layer, so a reference to it would shift the start seen by every later layer (a copy is kept)."""
         if cached is None and self.stats["steps"] > 0 and length < self.prompt_query_mask.shape[1]:
             raise changed(
                 "language_model(cache=...)",
                 f"a decode step of {length} token(s) reached the language model without a transformers.Cache, so "
                 "its position in the sequence is unknown and the slow path cannot run correctly.",
             )
-        self.step_start, self.step_length = cached or 0, length
-        self.stats["steps"] += 1
+        if cached is None:
+            cached = 0
+        self.step_start = cached.clone() if isinstance(cached, torch.Tensor) else int(cached)
+        self.step_length = length
+        self.step_plan = None
+        if not torch.compiler.is_compiling():  # counters are for eager inspection; a compiled step keeps no count
+            self.stats["steps"] += 1
 
     def step_query_mask(self, length: int, batch: int) -> torch.Tensor:
         """[batch, length] bool for the current step; checks the step was announced by `begin_step`."""
@@ -191,16 +213,20 @@ class SlowContext:
             )
         return self.query_mask(self.step_start, length, batch)
 
-    def query_mask(self, past_length: int, length: int, batch: int) -> torch.Tensor:
-        """[batch, length] bool for the tokens at positions past_length .. past_length + length - 1."""
+    def query_mask(self, past_length: int | torch.Tensor, length: int, batch: int) -> torch.Tensor:
+        """[batch, length] bool for the tokens at positions past_length .. past_length + length - 1 (an int, or a
+        0-d tensor as a static cache reports it). Arithmetic only: no host sync, shapes fixed by `length`."""
         prompt = self.prompt_query_mask
         if batch != prompt.shape[0]:
             prompt = prompt.repeat_interleave(batch // prompt.shape[0], dim=0)
-        positions = torch.arange(past_length, past_length + length, device=prompt.device)
-        mask = torch.ones(batch, length, dtype=torch.bool, device=prompt.device)
-        inside = positions < prompt.shape[1]
-        mask[:, inside] = prompt[:, positions[inside]]
-        return mask
+        if prompt.shape[1] == 0:
+            return torch.ones(batch, length, dtype=torch.bool, device=prompt.device)
+        if isinstance(past_length, torch.Tensor):
+            past_length = past_length.to(prompt.device)
+        positions = torch.arange(length, device=prompt.device) + past_length  # [L]
+        inside = positions < prompt.shape[1]  # generated tokens (past the prompt) always query
+        index = positions.clamp(max=prompt.shape[1] - 1).expand(batch, length)
+        return prompt.gather(1, index) | ~inside
 
 
 _ACTIVE: ContextVar[SlowContext | None] = ContextVar("slowfast_active_context", default=None)

@@ -2,7 +2,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from slowfast_adapter.attention import chunked_eager_attention, slow_cross_attention
+from slowfast_adapter import attention
+from slowfast_adapter.attention import PackedKeys, chunked_eager_attention, kernel_for, slow_cross_attention
+from slowfast_adapter.state import SlowTokens
 
 
 def _reference(query, key, value, mask, scaling):
@@ -114,3 +116,74 @@ def test_bad_chunk_size_is_refused():
     with pytest.raises(ValueError, match="chunk_size"):
         slow_cross_attention(torch.zeros(1, 1, 1, 2), key, value, torch.ones(1, 4, dtype=torch.bool), scaling=1.0,
                              chunk_size=0)  # fmt: skip
+
+
+# ------------------------------------------------------------------------- which kernel runs, and with what mask
+def test_kernel_choice_follows_the_base_and_falls_back_to_sdpa():
+    query = torch.randn(1, 2, 3, 4)
+    assert kernel_for("eager", query) == "eager"
+    assert kernel_for("sdpa", query) == "sdpa"
+    # flash-attn needs a CUDA half-precision query (and the package): on a CPU tensor SDPA runs instead
+    assert kernel_for("flash_attention_2", query.bfloat16()) == "sdpa"
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_sdpa_gets_no_mask_unless_a_row_is_padded(monkeypatch, padded):
+    """No mask lets SDPA pick its flash kernel; a padded batch passes the boolean [B, 1, 1, S] form that SDPA's
+    memory-efficient and cuDNN kernels take."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        seen.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    if padded:
+        mask[1, 4:] = False
+    slow = SlowTokens(torch.randn(2, 6, 8), mask)
+    assert slow.padded is padded
+    key, value = torch.randn(2, 2, 1, 6, 4)
+    slow_cross_attention(torch.randn(2, 2, 3, 4), key, value, slow.kernel_mask, scaling=0.5)
+    assert (seen[0] is None) is not padded
+    if padded:
+        assert seen[0].dtype == torch.bool and seen[0].shape == (2, 1, 1, 6)
+
+
+def _varlen_stand_in(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    """flash-attn's varlen contract ([total, H, hd] packed rows cut by cu_seqlens), computed segment by segment."""
+    assert not causal and q.dtype == k.dtype
+    out = torch.empty_like(q)
+    for b in range(cu_seqlens_q.numel() - 1):
+        qs, ks = slice(cu_seqlens_q[b], cu_seqlens_q[b + 1]), slice(cu_seqlens_k[b], cu_seqlens_k[b + 1])
+        assert ks.stop - ks.start <= max_seqlen_k and qs.stop - qs.start <= max_seqlen_q
+        scores = torch.einsum("mhd,shd->hms", q[qs], k[ks]) * softmax_scale
+        out[qs] = torch.einsum("hms,shd->mhd", scores.softmax(-1), v[ks])
+    return out
+
+
+def _dense_stand_in(q, k, v, *, softmax_scale, causal):
+    """flash-attn's [B, S, H, hd] contract, computed with SDPA."""
+    assert not causal
+    out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_flash_attn_layout_matches_the_reference(padded):
+    """The flash-attn path's layout work (folding, varlen packing of padded rows, cu_seqlens), checked with stand-ins
+    that follow flash-attn's documented contract; the kernel itself runs only on a GPU with flash-attn installed."""
+    torch.manual_seed(0)
+    key, value = torch.randn(2, 3, 2, 7, 8, dtype=torch.float64)
+    query = torch.randn(3, 4, 5, 8, dtype=torch.float64)[:3].repeat(2, 1, 1, 1)[:6]  # B_q = 2 x B_k, GQA 2
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    if padded:
+        mask[1, 3:] = False
+        mask[2, 1:] = False
+    folded, unfold = attention._fold_queries(query, key)
+    packed = PackedKeys.from_mask(mask) if padded else None
+    out = attention._flash_attention(
+        folded, key, value, packed, scaling=8**-0.5, functions=(_dense_stand_in, _varlen_stand_in)
+    )
+    torch.testing.assert_close(unfold(out), _reference(query, key, value, mask, 8**-0.5), rtol=0, atol=1e-12)
