@@ -54,7 +54,9 @@ class Qwen3VLFamily(Qwen2VLFamily):
         merge = model.config.vision_config.spatial_merge_size
         video_id = model.config.video_token_id
         start_id, end_id = model.config.vision_start_token_id, model.config.vision_end_token_id
-        positions = (input_ids == video_id).nonzero()  # [n, 2] row-major, one run per temporal group
+        # Read to the host once (two syncs), not per temporal group: [n] (row, column) row-major, one run per group
+        positions = (input_ids == video_id).nonzero().tolist()
+        ids = input_ids.tolist()
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         drop_from, drop_to, cursor = [], [], 0  # token spans [from, to) to drop, per row
         for (groups, height, width), (_, fast_h, fast_w), plan in zip(grids.tolist(), fast_grids, plans, strict=True):
@@ -63,23 +65,23 @@ class Qwen3VLFamily(Qwen2VLFamily):
             for group in range(groups):
                 first = positions[cursor + group * per_group]  # (row, column) of the group's first pad
                 last = positions[cursor + (group + 1) * per_group - 1]
-                row = int(first[0])
-                if input_ids[row, int(first[1]) - 1] != start_id or input_ids[row, int(last[1]) + 1] != end_id:
+                row = first[0]
+                if ids[row][first[1] - 1] != start_id or ids[row][last[1] + 1] != end_id:
                     raise ValueError(
                         "Qwen3-VL video tokens are not laid out as `<t seconds><|vision_start|>pads<|vision_end|>` "
                         "per temporal group: build the inputs with the base model's own processor."
                     )
                 if group % window == 0:  # kept segment: only its first fast_per_group pads stay
-                    drop_from.append((int(first[0]), int(first[1]) + fast_per_group))
-                    drop_to.append(int(last[1]) + 1)
+                    drop_from.append((row, first[1] + fast_per_group))
+                    drop_to.append(last[1] + 1)
                 else:  # whole segment: timestamp text, vision_start, pads, vision_end
                     previous_end = positions[cursor + group * per_group - 1]  # last pad of the group before
-                    drop_from.append((int(first[0]), int(previous_end[1]) + 2))
-                    drop_to.append(int(last[1]) + 2)
+                    drop_from.append((row, previous_end[1] + 2))
+                    drop_to.append(last[1] + 2)
             cursor += groups * per_group
-        if cursor != positions.shape[0]:  # pragma: no cover - the placeholder count check catches it first
+        if cursor != len(positions):  # pragma: no cover - the placeholder count check catches it first
             raise ValueError(
-                f"The text holds {positions.shape[0]} video placeholder tokens but video_grid_thw needs {cursor}: "
+                f"The text holds {len(positions)} video placeholder tokens but video_grid_thw needs {cursor}: "
                 "build the inputs with the base model's own processor from the same text and videos."
             )
         for (row, start), stop in zip(drop_from, drop_to, strict=True):
