@@ -9,6 +9,7 @@ fault in fresh pages, which slows compute, so times are measured in processes wi
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -140,3 +141,49 @@ def write_results(name: str, data: dict[str, Any], markdown: str) -> None:
 def command_line() -> str:
     """The command that produced the results, as typed (run from the repository root)."""
     return "python " + " ".join(sys.argv)
+
+
+class StepTimer:
+    """A logits processor that stamps the time at every generated token: `generate` calls it once per model
+    forward, right after it, so consecutive stamps are one decode step apart (forward, then the sampling and
+    stopping checks of the step). On CUDA it synchronises first, so a stamp follows the step's kernels."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.is_cuda:
+            torch.cuda.synchronize(scores.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def step_times(self) -> list[float]:
+        """Seconds of each decode step (the prefill, before the first stamp, is not among them)."""
+        return [b - a for a, b in itertools.pairwise(self.stamps)]
+
+
+def timed_generate(
+    model: Any, inputs: dict[str, Any], new_tokens: int, **kwargs: Any
+) -> tuple[torch.Tensor, list[float]]:
+    """Greedy `generate` of exactly `new_tokens` tokens: (sequences, seconds of each of its decode steps)."""
+    from transformers import LogitsProcessorList
+
+    timer = StepTimer()
+    sequences = model.generate(
+        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        logits_processor=LogitsProcessorList([timer]), **kwargs,
+    )  # fmt: skip
+    return sequences, timer.step_times()
+
+
+def host_syncs_per_token(model: Any, inputs: dict[str, Any], **kwargs: Any) -> float:
+    """Device-to-host syncs per decode step of greedy `generate` ((syncs of 10 tokens - syncs of 2) / 8; the
+    prefill's cancel out). Under `torch.compile` the counter's mode recompiles the step: count after timing."""
+    from slowfast_adapter.host_syncs import HostSyncCounter
+
+    counts = []
+    for new_tokens in (2, 10):
+        with HostSyncCounter() as syncs:
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+        counts.append(syncs.count)
+    return (counts[1] - counts[0]) / 8

@@ -1,13 +1,18 @@
-"""Benchmark 2: decode step time, base vs slow-fast with cached slow K/V vs re-projecting every step.
+"""Benchmark 2: decode step time and host syncs, base vs slow-fast, eager and compiled, through `generate`.
 
-One process, one model. After a prefill of each (untimed), single decode steps are timed:
-- base: the unwrapped base model at `--base-frames` native frames (the same LLM sequence length as the
-  slow-fast model's fast tokens);
-- slow-fast, cached: `--frames` frames, slow K/V projected once per call (what `generate` runs);
-- slow-fast, re-projected: the same with `SlowContext.reproject_slow_kv` (the reference implementation's
-  behaviour: every decode step projects all slow tokens again).
-Each step runs on a KV cache cropped back to the prompt, so every step sees the same cache length.
-Variants are interleaved round by round, so machine-load drift hits all of them alike.
+Every variant is a greedy `generate` of `--tokens` tokens; a logits processor stamps the time after each model
+forward, so each decode step is timed inside the production loop (`common.timed_generate`):
+- base: the base model at `--base-frames` native frames (the LLM sequence of the slow-fast model's fast tokens);
+- slow-fast: `--frames` frames, slow K/V projected once per call and cached (what `generate` runs);
+- slow-fast, re-projected: every decode step projects all slow tokens again (the reference implementation's
+  behaviour, `SlowFastModel.debug_reproject_slow_kv`);
+each with the dynamic cache (eager), and base and slow-fast also with the static cache, eager and compiled: the
+step transformers compiles by itself on a GPU (`cache_implementation="static"`; on the CPU only with a
+`CompileConfig` that sets `_compile_all_devices`), fullgraph, inductor. Compiled tokens must equal eager's.
+The base and the slow-fast model are two copies of the same random weights (wrapping one would change the hooks
+the compiled base step guards on). Variants are interleaved round by round; round 0 is warm-up (and compiles).
+Host syncs per decode step are counted after the timing (`host_syncs.HostSyncCounter`; under compile the
+counter's mode recompiles the step, so it runs last).
 
     python benchmarks/decode.py             # 128 slow-fast frames vs 16 base frames
     python benchmarks/decode.py --quick
@@ -18,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,38 +30,48 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MODELS, build_model, command_line, machine, summary, video_inputs, write_results  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    build_model,
+    command_line,
+    host_syncs_per_token,
+    machine,
+    summary,
+    timed_generate,
+    video_inputs,
+    write_results,
+)
 from prefill import slowfast_config  # noqa: E402
+from transformers import CompileConfig  # noqa: E402
 
-from slowfast_adapter import flops, state, surface, wrap  # noqa: E402
+from slowfast_adapter import flops, wrap  # noqa: E402
+
+VARIANTS = {  # name -> (label, model, generate keywords)
+    "base": ("base, dynamic cache", "base", {}),
+    "base_static": ("base, static cache", "base", {"cache_implementation": "static"}),
+    "base_compiled": ("base, static cache, compiled", "base", {"cache_implementation": "static", "compiled": True}),
+    "slowfast": ("slow-fast, dynamic cache (ours)", "slowfast", {}),
+    "slowfast_static": ("slow-fast, static cache", "slowfast", {"cache_implementation": "static"}),
+    "slowfast_compiled": (
+        "slow-fast, static cache, compiled",
+        "slowfast",
+        {"cache_implementation": "static", "compiled": True},
+    ),
+    "reprojected": ("slow-fast, slow K/V re-projected every step (reference)", "reprojected", {}),
+}
+RATIOS = {  # the ratios the README quotes: slow-fast over the base with the same cache and compilation
+    "slowfast_over_base": ("slowfast", "base"),
+    "slowfast_static_over_base_static": ("slowfast_static", "base_static"),
+    "slowfast_compiled_over_base_compiled": ("slowfast_compiled", "base_compiled"),
+    "reprojected_over_base": ("reprojected", "base"),
+    "base_compiled_over_base": ("base_compiled", "base"),
+}
 
 
-def timed_steps(base, cache, context, steps: int, *, layers: int) -> list[float]:
-    """Seconds of `steps` single-token decode steps, each on the cache cropped back to its prompt length.
-
-    With a slow context, every step must have read the slow tokens in all `layers` hybrid layers and, with
-    `reproject_slow_kv`, projected the slow K/V again in each (checked outside the timed region: a step
-    that took another path raises instead of being reported)."""
-    token = torch.tensor([[0]])
-    times = []
-    cache_kwarg = surface.cache_kwarg(base)
-    for _ in range(steps):
-        before = dict(context.stats) if context is not None else None
-        start = time.perf_counter()
-        with state.activated(context):
-            base(input_ids=token, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
-        times.append(time.perf_counter() - start)
-        cache.crop(-1)  # drop the new token: every step sees the prompt-length cache
-        if context is not None:
-            reads = context.stats["slow_reads"] - before["slow_reads"]
-            projections = context.stats["kv_projections"] - before["kv_projections"]
-            expected = layers if context.reproject_slow_kv else 0
-            if reads != layers or projections != expected:
-                raise RuntimeError(
-                    f"The timed step did not run the slow path it claims: {reads} slow reads and {projections} K/V "
-                    f"projections in {layers} hybrid layers (expected {layers} and {expected})."
-                )
-    return times
+def compile_config(backend: str) -> CompileConfig:
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode="default")
+    config._compile_all_devices = True  # transformers compiles by itself on CUDA only
+    return config
 
 
 def main() -> None:
@@ -65,56 +79,74 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=128, help="slow-fast frames (default 128)")
     parser.add_argument("--base-frames", type=int, default=16, help="base frames = fast frames (default 16)")
     parser.add_argument("--model", choices=sorted(MODELS), default="default")
-    parser.add_argument("--steps", type=int, default=8, help="decode steps per variant per round")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds (the first is warm-up)")
+    parser.add_argument("--tokens", type=int, default=9, help="generated tokens per call: tokens - 1 timed steps")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (the first is warm-up and compiles)")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled variants")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--quick", action="store_true", help="small model, 32 vs 4 frames, 3 rounds of 4 steps")
+    parser.add_argument("--quick", action="store_true", help="small model, 32 vs 4 frames, 3 rounds of 5 tokens")
     args = parser.parse_args()
     if args.quick:
-        args.model, args.frames, args.base_frames, args.steps, args.rounds = "quick", 32, 4, 4, 3
+        args.model, args.frames, args.base_frames, args.tokens, args.rounds = "quick", 32, 4, 5, 3
     torch.set_num_threads(args.threads)
     start = machine()
     base, processor = build_model(args.model)
-    ratio = args.frames // args.base_frames
-    config = slowfast_config(ratio, args.base_frames)
-    model = wrap(base, config)
-    family = model.family
+    copy, _ = build_model(args.model)  # the same weights (same seed)
+    config = slowfast_config(args.frames // args.base_frames, args.base_frames)
+    model = wrap(copy, config)
+    reprojecting = wrap(build_model(args.model)[0], config)
+    reprojecting.debug_reproject_slow_kv = True
+    models = {"base": base, "slowfast": model, "reprojected": reprojecting}
+    inputs = {
+        "base": video_inputs(processor, args.base_frames),
+        "slowfast": video_inputs(processor, args.frames),
+        "reprojected": video_inputs(processor, args.frames),
+    }
+    compiled = compile_config(args.backend)
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    sequences: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        native = family.prepare(base, slowfast_config(1, args.base_frames), video_inputs(processor, args.base_frames))
-        fast = family.prepare(base, config, video_inputs(processor, args.frames))
-        model.unwrap()
-        base_cache = surface.output_cache(base(**native.model_inputs, use_cache=True, logits_to_keep=1))
-        times: dict[str, list[float]] = {"base": [], "cached": [], "reprojected": []}
-        slow_cache = None
         for round_ in range(args.rounds):
-            base_times = timed_steps(base, base_cache, None, args.steps, layers=0)
-            model = wrap(base, config)
-            layers = len(model.hybrid_layer_indices)
-            context = model._slow_context(fast)  # slow K/V projected once (untimed, part of the prefill)
-            if slow_cache is None:
-                with state.activated(context):
-                    slow_cache = surface.output_cache(base(**fast.model_inputs, use_cache=True, logits_to_keep=1))
-            cached_times = timed_steps(base, slow_cache, context, args.steps, layers=layers)
-            context = model.slow_context(fast.slow, context.prompt_query_mask, reproject_slow_kv=True)
-            reprojected_times = timed_steps(base, slow_cache, context, args.steps, layers=layers)
-            model.unwrap()
-            if round_:  # round 0 is warm-up
-                times["base"] += base_times
-                times["cached"] += cached_times
-                times["reprojected"] += reprojected_times
+            for name, (_, which, kwargs) in VARIANTS.items():
+                kwargs = dict(kwargs)
+                if kwargs.pop("compiled", False):
+                    kwargs["compile_config"] = compiled
+                out, steps = timed_generate(models[which], inputs[which], args.tokens, **kwargs)
+                if len(steps) != args.tokens - 1:
+                    raise RuntimeError(f"{name}: {len(steps)} timed steps for {args.tokens} tokens.")
+                sequences.setdefault(name, out)
+                if not torch.equal(out, sequences[name]):
+                    raise RuntimeError(f"{name}: round {round_} generated other tokens than round 0.")
+                if round_:
+                    times[name] += steps
+        for name, (_, which, _) in VARIANTS.items():  # compiled and static tokens equal eager's
+            if not torch.equal(sequences[name], sequences["base" if which == "base" else "slowfast"]):
+                raise RuntimeError(f"{name} generated other tokens than the eager dynamic-cache run.")
+        syncs = {}
+        for name, (_, which, kwargs) in VARIANTS.items():
+            kwargs = dict(kwargs)
+            if kwargs.pop("compiled", False):
+                kwargs["compile_config"] = compile_config("eager")  # the host side only: Dynamo without inductor
+            syncs[name] = host_syncs_per_token(models[which], inputs[which], **kwargs)
 
     meta = wrap(flops.build_meta_model(base.config), config)
-    length, slow = fast.input_ids.shape[1], int(fast.slow.mask.sum())
+    fast = model.prepare_inputs(**inputs["slowfast"])
+    native_length, length, slow = (
+        inputs["base"]["input_ids"].shape[1],
+        fast.input_ids.shape[1],
+        int(fast.slow.mask.sum()),
+    )
     queries = ~fast.visual_mask[0]
     counted = {
-        "base": flops.count_language_model(meta, native.input_ids.shape[1]).decode_step,
-        "cached": flops.count_language_model(meta, length, query_mask=queries, slow_tokens=slow).decode_step,
+        "base": flops.count_language_model(meta, native_length).decode_step,
+        "slowfast": flops.count_language_model(meta, length, query_mask=queries, slow_tokens=slow).decode_step,
         "reprojected": flops.count_language_model(
             meta, length, query_mask=queries, slow_tokens=slow, reproject_slow_kv=True
         ).decode_step,
     }
-    base_median = statistics.median(times["base"])
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ratios = {key: medians[a] / medians[b] for key, (a, b) in RATIOS.items()}
     end = machine()
+    steps_per_variant = len(times["base"])
     lines = [
         f"# Decode step: base at {args.base_frames} frames vs slow-fast at {args.frames} frames (CPU)",
         "",
@@ -122,27 +154,28 @@ def main() -> None:
         "",
         f"Model: random LLaVA-OneVision layout, Qwen2-style decoder {MODELS[args.model]}, fp32, 196 video tokens "
         f"per frame, about 100 text tokens; hybrid layers {meta.hybrid_layer_indices}. LLM sequence: "
-        f"{native.input_ids.shape[1]:,} tokens (base) / {length:,} (slow-fast, + {slow:,} slow tokens). Median of "
-        f"{len(times['base'])} single-token steps per variant ({args.rounds - 1} rounds of {args.steps} after "
-        "1 warm-up round, variants interleaved).",
+        f"{native_length:,} tokens (base) / {length:,} (slow-fast, + {slow:,} slow tokens). Each variant is a greedy "
+        f"`generate` of {args.tokens} tokens, every decode step timed inside it; median of {steps_per_variant} "
+        f"steps per variant ({args.rounds - 1} rounds after 1 warm-up round, variants interleaved). Compiled: "
+        f"transformers' static-cache step, `torch.compile` fullgraph, backend `{args.backend}`; its tokens equal "
+        "the eager run's (checked).",
         "",
         f"Machine: {start['cpu']}, {start['cores']} cores, torch {start['torch']} with {args.threads} threads; "
         f"load average {start['load_average_1_5_15'][0]:.1f} at start, {end['load_average_1_5_15'][0]:.1f} at "
-        "the end (other jobs may have been running).",
+        "the end.",
         "",
-        "| decode step | GFLOP | median (ms) | min (ms) | x base (median) |",
-        "|---|---|---|---|---|",
+        "| decode step | GFLOP | median (ms) | min (ms) | x base (same cache, same compilation) | host syncs / step |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, label in (
-        ("base", "base"),
-        ("cached", "slow-fast, slow K/V cached (ours)"),
-        ("reprojected", "slow-fast, slow K/V re-projected every step (reference)"),
-    ):
-        median = statistics.median(times[name])
+    for name, (label, which, _) in VARIANTS.items():
+        reference = {"slowfast": "base", "slowfast_static": "base_static", "slowfast_compiled": "base_compiled",
+                     "reprojected": "base"}.get(name, name)  # fmt: skip
+        gflop = counted["base" if which == "base" else which] / 1e9
         lines.append(
-            f"| {label} | {counted[name] / 1e9:.3f} | {median * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | "
-            f"{median / base_median:.3f} |"
+            f"| {label} | {gflop:.3f} | {medians[name] * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | "
+            f"{medians[name] / medians[reference]:.3f} | {syncs[name]:g} |"
         )
+    lines += ["", "Compiled base over eager base: " + f"{ratios['base_compiled_over_base']:.3f}."]
     data = {
         "command": command_line(),
         "machine_start": start,
@@ -150,10 +183,13 @@ def main() -> None:
         "model": MODELS[args.model],
         "frames": args.frames,
         "base_frames": args.base_frames,
-        "sequence_length": {"base": native.input_ids.shape[1], "slowfast": length},
+        "backend": args.backend,
+        "sequence_length": {"base": native_length, "slowfast": length},
         "slow_tokens": slow,
         "flops": counted,
         "time": {name: summary(values) for name, values in times.items()},
+        "ratios_of_medians": ratios,
+        "host_syncs_per_step": syncs,
         "times_s": times,
     }
     write_results("decode" + ("_quick" if args.quick else ""), data, "\n".join(lines))

@@ -8,7 +8,10 @@ where `flash_attn` is importable on CUDA, else "sdpa", and measures:
    included) and LLM only (video features computed before the timed call, as in benchmarks/prefill.py);
 2. one decode step: the base at 16 frames, slow-fast at 128 with the slow K/V cached (ours) and re-projected
    at every step (`SlowFastModel.debug_reproject_slow_kv`, the reference's behaviour); every step runs on the
-   KV cache cropped back to the prompt, as in benchmarks/decode.py;
+   KV cache cropped back to the prompt. Then both through `generate` with the static cache, eager and compiled
+   (transformers' own compiled step, fullgraph, `--compile-backend`), each decode step timed inside the loop
+   (benchmarks/common.py `timed_generate`); compiled tokens must equal eager's and the timed call must compile
+   nothing new;
 3. one adapter training step at 64 frames: forward + backward + AdamW on the trainable parameters, gradient
    checkpointing on (time and peak memory);
 4. peak memory of one whole `generate` (prefill + `--new-tokens` tokens) at 128, 512 and 1,536 frames,
@@ -34,6 +37,7 @@ failure), 2 if the installed transformers is outside what slowfast-adapter's fen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -51,6 +55,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import timed_generate  # noqa: E402
 
 from slowfast_adapter import SlowFastConfig, __version__, state, surface, wrap  # noqa: E402
 from slowfast_adapter.families import family_for  # noqa: E402
@@ -88,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-tokens", type=int, default=100, help="text tokens around the video")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills per setting (after 1 warm-up)")
     parser.add_argument("--decode-steps", type=int, default=10, help="timed decode steps (after 2 warm-ups)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled decode "
+                        "step (inductor; eager: Dynamo only, for smoke runs)")  # fmt: skip
     parser.add_argument("--train-steps", type=int, default=2, help="timed training steps (after 1 warm-up)")
     parser.add_argument("--new-tokens", type=int, default=4, help="new tokens of each generate")
     parser.add_argument("--text-layers", type=int, help="shrink the decoder to this many layers (smoke runs)")
@@ -502,9 +511,60 @@ def measure_decode(bench: Benchmark, base: torch.nn.Module) -> None:
 
         return run
 
+    def generated(model: Any, inputs: dict, compiled: bool) -> tuple[torch.Tensor, list[float], dict]:
+        """transformers' static-cache decode loop, eager or compiled (what it compiles by itself on CUDA): a warm-up
+        call (compiles), then one call whose decode steps are timed; the graphs Dynamo made in the timed call."""
+        from torch._dynamo.utils import counters
+        from transformers import CompileConfig
+
+        eos = base.config.get_text_config().eos_token_id
+        kwargs: dict[str, Any] = {
+            "cache_implementation": "static",
+            "pad_token_id": (eos[0] if isinstance(eos, list) else eos) or 0,
+        }
+        if compiled:
+            config = CompileConfig(fullgraph=True, dynamic=False, backend=args.compile_backend, mode="default")
+            config._compile_all_devices = True  # CPU smoke runs; on CUDA transformers compiles anyway
+            kwargs["compile_config"] = config
+        timed_generate(model, inputs, 3, **kwargs)
+        counters.clear()
+        sequences, times = timed_generate(model, inputs, steps + 1, **kwargs)
+        made = {
+            "graphs_made": counters["stats"].get("unique_graphs", 0),
+            "recompiles": sum(counters["recompiles"].values()),
+        }
+        return sequences, times, made
+
+    def static_step(kind: str) -> Callable[[dict], tuple[bool, dict]]:
+        """`kind`: base or slowfast; the compiled step's tokens must equal the eager static-cache run's, and the
+        timed compiled call must make no new graph (no recompile per token)."""
+
+        def run(entry: dict) -> tuple[bool, dict]:
+            inputs = native_inputs if kind == "base" else slow_inputs
+            with wrapped(base, config) if kind == "slowfast" else contextlib.nullcontext(base) as model:
+                with torch.no_grad(), state.recording() as contexts:
+                    eager, eager_times, _ = generated(model, inputs, compiled=False)
+                    compiled, times, graphs = generated(model, inputs, compiled=True)
+            entry.update(frames=args.base_frames if kind == "base" else args.slowfast_frames,
+                         llm_tokens=inputs["input_ids"].shape[1], slow_tokens=0, **summary(times),
+                         eager_static_median_s=statistics.median(eager_times))  # fmt: skip
+            if kind == "slowfast":
+                entry.update(llm_tokens=contexts[0].prompt_query_mask.shape[1],
+                             slow_tokens=int(contexts[0].slow.mask.sum()))  # fmt: skip
+            same = torch.equal(eager, compiled)
+            ok = (
+                same and graphs["graphs_made"] == 0 and graphs["recompiles"] == 0 and (kind == "base") == (not contexts)
+            )
+            return ok, {"tokens_equal_eager": same, "timed_call": graphs, "backend": args.compile_backend,
+                        "slow_contexts": len(contexts)}  # fmt: skip
+
+        return run
+
     bench.measure("decode", "base", base_step)
     bench.measure("decode", "slowfast_cached", slowfast_step(reproject=False))
     bench.measure("decode", "slowfast_reprojected", slowfast_step(reproject=True))
+    bench.measure("decode", "base_compiled", static_step("base"))
+    bench.measure("decode", "slowfast_compiled", static_step("slowfast"))
 
 
 def measure_train(bench: Benchmark, base: torch.nn.Module) -> None:
@@ -625,6 +685,8 @@ def ratios(data: dict[str, Any]) -> dict[str, float]:
         "decode_cached_over_base": ("decode", "slowfast_cached", "base"),
         "decode_reprojected_over_base": ("decode", "slowfast_reprojected", "base"),
         "decode_reprojected_over_cached": ("decode", "slowfast_reprojected", "slowfast_cached"),
+        "decode_compiled_slowfast_over_base": ("decode", "slowfast_compiled", "base_compiled"),
+        "decode_compiled_over_eager_slowfast": ("decode", "slowfast_compiled", "slowfast_cached"),
     }
     for key, (section, a, b) in pairs.items():
         if median(section, a) and median(section, b):

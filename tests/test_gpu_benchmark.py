@@ -13,7 +13,7 @@ import torch
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
 SECTIONS = {
     "prefill": ["base", "slowfast", "base_llm", "slowfast_llm"],
-    "decode": ["base", "slowfast_cached", "slowfast_reprojected"],
+    "decode": ["base", "slowfast_cached", "slowfast_reprojected", "base_compiled", "slowfast_compiled"],
     "train": ["slowfast_8"],
     "memory": ["slowfast_16", "slowfast_32", "base_16", "base_32"],
 }
@@ -41,6 +41,8 @@ def test_tiny_run_on_the_cpu_writes_every_number_and_proves_every_path(gpu, tmp_
         "2",
         "--train-steps",
         "1",
+        "--compile-backend",
+        "eager",  # Dynamo without inductor: the same graph and guards in seconds
     ]
     # Smaller than the --tiny defaults (base 4, slow-fast 32, train 16, memory 32 64 128) to stay fast on 2 cores.
     argv += ["--slowfast-frames", "16", "--train-frames", "8", "--frames", "16", "32", "--text-tokens", "40"]
@@ -69,6 +71,10 @@ def test_tiny_run_on_the_cpu_writes_every_number_and_proves_every_path(gpu, tmp_
         == layers * ran["decode.slowfast_reprojected"]["steps"]
     )
     assert ran["decode.base"]["per_step"] == {"slow_contexts_created": 0}
+    for kind, contexts in (("base", 0), ("slowfast", 1)):  # compiled = eager tokens, and no graph made per token
+        assert ran[f"decode.{kind}_compiled"]["timed_call"] == {"graphs_made": 0, "recompiles": 0}
+        assert ran[f"decode.{kind}_compiled"]["tokens_equal_eager"] is True
+        assert ran[f"decode.{kind}_compiled"]["slow_contexts"] == 4 * contexts  # 2 eager + 2 compiled generates
     assert ran["memory.slowfast_32"]["steps_with_slow_reads"] == [1, 2, 3, 4]
     assert ran["train.slowfast_8"]["gates_moved"] is True
     # Fast tokens: 4 fast frames of 16 tokens + newline + 40 text tokens, whatever the slow-fast frame count.
@@ -81,7 +87,7 @@ def test_tiny_run_on_the_cpu_writes_every_number_and_proves_every_path(gpu, tmp_
         "memory_32_slowfast_over_base",
     }
     markdown = out.with_suffix(".md").read_text()
-    assert "| decode.slowfast_reprojected | 16 |" in markdown and "Path checks: 12 of 12 passed." in markdown
+    assert "| decode.slowfast_reprojected | 16 |" in markdown and "Path checks: 14 of 14 passed." in markdown
 
 
 def test_inputs_are_what_the_stock_processor_returns(gpu):
