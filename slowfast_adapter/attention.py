@@ -42,7 +42,8 @@ def slow_cross_attention(
     row's real keys first), or None when every key of every row is real (no mask reaches the kernel, so SDPA may
     pick its flash kernel). B_q may be a multiple n of B_k (beam search / several returned sequences): query rows
     b*n .. b*n+n-1 belong to slow sample b, as `repeat_interleave` lays them out.
-    implementation: the base's attention implementation; `kernel_for` says which kernel runs for it.
+    implementation: the base's attention implementation; `kernel_for` says which kernel runs for it (or pass
+    a kernel name `kernel_for` returns: "eager", "sdpa", "flash_attn").
     chunk_size: slow tokens per step of the eager kernel (ignored by the others, see the module docstring).
     packed_keys: where the real keys sit (flash-attn's varlen kernel, for padded rows; see `PackedKeys`).
     Returns [B_q, H, L_q, hd].
@@ -54,7 +55,7 @@ def slow_cross_attention(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     folded, unfold = _fold_queries(query, key)
-    kernel = kernel_for(implementation, folded)
+    kernel = implementation if implementation in KERNELS else kernel_for(implementation, folded)
     if kernel == "eager":
         out = chunked_eager_attention(folded, key, value, key_padding_mask, scaling=scaling, chunk_size=chunk_size)
     elif kernel == "flash_attn":
@@ -67,13 +68,15 @@ def slow_cross_attention(
     return unfold(out)
 
 
-def flash_attn_functions() -> tuple[Callable, Callable] | None:
-    """flash-attn's (`flash_attn_func`, `flash_attn_varlen_func`) where the package is installed, else None."""
-    try:
-        from flash_attn import flash_attn_func, flash_attn_varlen_func
-    except ImportError:
-        return None
-    return flash_attn_func, flash_attn_varlen_func
+try:  # resolved once, at import: a traced (compiled) step must not import
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    _FLASH_ATTN: tuple[Callable, Callable] | None = (flash_attn_func, flash_attn_varlen_func)
+except Exception:  # noqa: BLE001 - not installed, or a build that does not load here: SDPA runs instead
+    _FLASH_ATTN = None
+
+
+KERNELS = ("eager", "sdpa", "flash_attn")
 
 
 def kernel_for(implementation: str, query: torch.Tensor) -> str:
@@ -86,7 +89,7 @@ def kernel_for(implementation: str, query: torch.Tensor) -> str:
         implementation.startswith("flash_attention")
         and query.is_cuda
         and query.dtype in (torch.float16, torch.bfloat16)
-        and flash_attn_functions() is not None
+        and _FLASH_ATTN is not None
     ):
         return "flash_attn"
     return "sdpa"
@@ -118,7 +121,7 @@ def _flash_attention(
     """flash-attn over folded queries [B, H, M, hd] and keys [B, H, S, hd] -> [B, H, M, hd]: the plain kernel when
     no row is padded (`packed_keys` None), else the varlen kernel over each row's real keys.
     functions: (`flash_attn_func`, `flash_attn_varlen_func`), flash-attn's by default (tests pass stand-ins)."""
-    dense, varlen = functions or flash_attn_functions()
+    dense, varlen = functions or _FLASH_ATTN
     q, k, v = (rearrange(t, "b h s d -> b s h d") for t in (query, key, value))
     if packed_keys is None:
         return rearrange(dense(q, k, v, softmax_scale=scaling, causal=False), "b m h d -> b h m d")

@@ -38,7 +38,7 @@ except ImportError:  # torch built without distributed support
     DTensor = None
 
 from . import surface
-from .attention import slow_cross_attention
+from .attention import kernel_for, slow_cross_attention
 from .state import SlowContext, SlowItem, active_context, current_context
 
 
@@ -270,13 +270,15 @@ class HybridLayerHooks:
         query = query.to(key.dtype)
         slow = context.slow
         mask = slow.kernel_mask
+        kernel = kernel_for(surface.attention_implementation(self.attn), query)
+        context.record_kernel(kernel)
         cross = slow_cross_attention(
             query,
             key,
             value,
             None if mask is None else mask.to(key.device),
             scaling=self.scaling,
-            implementation=surface.attention_implementation(self.attn),
+            implementation=kernel,
             packed_keys=slow.packed_keys,
         )
         looks = context.frame_attention  # "where it looked" (frame_attention.py); None unless asked for

@@ -150,6 +150,7 @@ class SlowContext:
     not counted for a layer whose K/V all came from `encoded`).
     reads: one entry per hybrid layer call: (step number from 1, layer index, [B] count per row of the
     tokens that read the slow tokens). See `recording()`.
+    kernels: the cross-attention kernels that ran ("eager", "sdpa", "flash_attn"; `attention.kernel_for`).
     encoded: videos encoded earlier (`SlowFastModel.encode`) whose slow K/V this call may reuse; with
     `store_kv`, K/V it projects for them are kept there (what `encode` does).
     frame_attention: set only inside `frame_attention.looking(...)`: the hybrid layers also record how much
@@ -167,6 +168,7 @@ class SlowContext:
     step_plan: Any = None
     stats: dict[str, int] = field(default_factory=lambda: {"steps": 0, "slow_reads": 0, "kv_projections": 0})
     reads: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    kernels: set[str] = field(default_factory=set)
     encoded: EncodedVideos | None = None
     store_kv: bool = False
     frame_attention: Any = None
@@ -183,6 +185,12 @@ class SlowContext:
             return
         self.reads.append((self.stats["steps"], layer_idx, per_row))
         self.stats["slow_reads"] += 1
+
+    def record_kernel(self, kernel: str) -> None:
+        """The cross-attention ran `kernel` ("eager", "sdpa" or "flash_attn"; `attention.kernel_for`): kept in
+        `kernels` (eager only, like `record_read`)."""
+        if not torch.compiler.is_compiling():
+            self.kernels.add(kernel)
 
     def begin_step(self, length: int, cached: int | torch.Tensor | None) -> None:
         """A language-model forward over `length` tokens, after `cached` tokens in its KV cache (None: no cache).

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 import slowfast_adapter as sfa
+from slowfast_adapter import state
 from slowfast_adapter.host_syncs import HostSyncCounter
 
 GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -102,3 +103,19 @@ def test_compiled_static_cache_decode_is_one_graph_without_recompiles(base, proc
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["recompiles"] and not counters["graph_break"]
     torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_the_call_says_which_cross_attention_kernel_ran(base, processor):
+    """sdpa bases run SDPA, eager bases the chunked eager kernel, and the call records it (a flash-attention base
+    cannot run its own attention on the CPU; its fallback to SDPA is `test_attention.py`'s kernel test)."""
+    model = _wrapped(base)
+    inputs = make_inputs(processor, SAMPLES[:1])
+    for implementation, kernel in (("sdpa", "sdpa"), ("eager", "eager")):
+        for layer in model.family.decoder_layers(base):  # what `set_attn_implementation` changes, without its checks
+            layer.self_attn.config._attn_implementation = implementation
+        with state.recording() as contexts:
+            model(**inputs)
+        assert contexts[0].kernels == {kernel}, implementation
+    for layer in model.family.decoder_layers(base):
+        layer.self_attn.config._attn_implementation = "sdpa"
