@@ -20,7 +20,7 @@ from slowfast_adapter.training.data import (
     load_records,
     to_messages,
 )
-from slowfast_adapter.training.video import VideoReadError, read_clip, sample_indices, uniform_indices
+from slowfast_adapter.inference.video import VideoReadError, read_clip, sample_indices, uniform_indices
 
 QUESTION, ANSWER, FOLLOW_UP, ANSWER2 = "What color is the square?", "It is red.", "Is it moving?", "Yes, left."
 

@@ -32,7 +32,7 @@ from ..model import wrap
 from ..tiny import build_tiny_llava_onevision
 from ..training.recipe import TrainArgs
 from ..training.trainer import BatchSource, Trainer, make_accelerator, one_group
-from ..training.video import read_video
+from ..inference.video import read_video
 from .flops import prefill_flops
 from .needle_data import COLORS, QUESTION, read_split, write_split
 from .quickstart import answer_batch
