@@ -86,7 +86,7 @@ class SlowFastLMM(lmms):
         if not str(batch_size).isdigit():
             raise ValueError(f"batch_size must be a number (--batch_size N), got {batch_size!r}.")
         self.batch_size = int(batch_size)
-        accelerator = Accelerator()
+        self.accelerator = accelerator = Accelerator()  # lmms-eval's evaluator syncs the ranks through it
         if accelerator.num_processes > 1:  # lmms-eval shards the documents by rank
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
             self.device = accelerator.device
