@@ -309,6 +309,15 @@ def test_a_run_that_writes_no_results_fails(tiny_dirs, tmp_path):
         read_run(tmp_path / "nothing", MC_TASK, 2)
 
 
+def test_the_plugin_imports_no_training_code():
+    """The plugin reads video through `slowfast_adapter.inference`: nothing of `slowfast_adapter.training` loads."""
+    probe = "import sys, slowfast_lmms_eval.model\nprint(' '.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    imported = set(done.stdout.split())
+    assert {"slowfast_lmms_eval.model", "slowfast_adapter.inference.video"} <= imported
+    assert not {m for m in imported if m.startswith("slowfast_adapter.training")}
+
+
 class Request:  # what the plugin reads from lmms-eval's `Instance`
     def __init__(self, *args):
         self.args = args
