@@ -19,6 +19,11 @@ Model arguments (`--model_args key=value,...`):
 The batch size is lmms-eval's own flag `--batch_size N` (left-padded batched generation). A document's visuals are
 video paths or PIL images; several PIL images of one document are taken as the frames of one video (as MVBench's
 frame-folder subtasks hand them over).
+
+Request types: generate_until, generate_until_multi_round, and loglikelihood for multiple-choice tasks ((loss,
+is_greedy) per choice, lower is likelier, as lmms-eval's own models return; see `continuation_losses`). Several
+processes: `accelerate launch --num_processes N -m lmms_eval ...` (one per GPU; on the CPU add `--multi_gpu` and
+ACCELERATE_USE_CPU=true, since `--cpu` alone runs one process).
 """
 
 from __future__ import annotations
