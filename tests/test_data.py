@@ -12,6 +12,7 @@ from PIL import Image
 
 from slowfast_adapter import wrap
 from slowfast_adapter.config import SlowFastConfig
+from slowfast_adapter.inference.video import VideoReadError, read_clip, sample_indices, uniform_indices
 from slowfast_adapter.tiny import TINY_BUILDERS, random_video, write_mp4
 from slowfast_adapter.training.data import (
     IGNORE_INDEX,
@@ -20,7 +21,6 @@ from slowfast_adapter.training.data import (
     load_records,
     to_messages,
 )
-from slowfast_adapter.training.video import VideoReadError, read_clip, sample_indices, uniform_indices
 
 QUESTION, ANSWER, FOLLOW_UP, ANSWER2 = "What color is the square?", "It is red.", "Is it moving?", "Yes, left."
 

@@ -9,8 +9,8 @@ import pytest
 
 from slowfast_adapter.demo.experiment import DemoConfig, run
 from slowfast_adapter.demo.needle_data import COLORS, read_split, render, sample_specs, write_split
+from slowfast_adapter.inference.video import read_video
 from slowfast_adapter.pooling import plan_fast_frames, pool_fast_frames
-from slowfast_adapter.training.video import read_video
 
 
 def test_splits_are_reproducible_balanced_and_disjoint():

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slowfast_adapter.inference.video import VideoReadError, read_video, uniform_indices
 from slowfast_adapter.tiny import write_mp4
-from slowfast_adapter.training.video import VideoReadError, read_video, uniform_indices
 
 REPO = Path(__file__).resolve().parents[1]
 

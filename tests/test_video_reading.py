@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from slowfast_adapter.inference.video import VideoReadError, read_clip, read_video, select_frames
 from slowfast_adapter.tiny import write_mp4
-from slowfast_adapter.training.video import VideoReadError, read_clip, read_video, select_frames
 
 BACKENDS = ["decord", "pyav"]
 
@@ -193,3 +193,26 @@ def test_constant_rate_metadata_keeps_frame_numbers(tmp_path):
         clip = read_clip(path, 4, backend=backend)
         assert clip.metadata().frames_indices == [0, 10, 19, 29]
         np.testing.assert_allclose(clip.timestamps, [0, 1.0, 1.9, 2.9], atol=1e-4)
+
+
+def _imported_by(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running `code`."""
+    import subprocess
+    import sys
+
+    probe = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"
+    return set(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split())
+
+
+def test_video_reading_and_the_app_model_import_no_training_code():
+    """`slowfast_adapter.inference` (and the Gradio app's model side, which reads video through it) load nothing
+    from `slowfast_adapter.training` nor accelerate: the `[eval]` extra has only the video readers."""
+    from pathlib import Path
+
+    imported = _imported_by("import slowfast_adapter.inference.video")
+    assert "slowfast_adapter.inference.video" in imported  # the probe really loaded it
+    assert not {m for m in imported if m.startswith("slowfast_adapter.training") or m.split(".")[0] == "accelerate"}
+    app = Path(__file__).parents[1] / "integrations" / "gradio_app"
+    imported = _imported_by(f"sys.path.insert(0, {str(app)!r})\nimport video_qa")
+    assert "video_qa" in imported and "slowfast_adapter.inference.video" in imported
+    assert not {m for m in imported if m.startswith("slowfast_adapter.training")}

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import slowfast_adapter as sfa
+from slowfast_adapter.inference.video import VideoClip, read_clip
 from slowfast_adapter.pooling import plan_fast_frames
-from slowfast_adapter.training.video import VideoClip, read_clip
 
 DEMO_QUESTION = "What color is the square?"  # the needle videos' question (slowfast_adapter/demo/needle_data.py)
 

@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from .. import state
 from ..config import SlowFastConfig
 from ..frame_attention import where_it_looked
+from ..inference.video import read_video
 from ..model import wrap
 from ..tiny import build_tiny_llava_onevision
 from ..training.recipe import TrainArgs
 from ..training.trainer import BatchSource, Trainer, make_accelerator, one_group
-from ..training.video import read_video
 from .flops import prefill_flops
 from .needle_data import COLORS, QUESTION, read_split, write_split
 from .quickstart import answer_batch

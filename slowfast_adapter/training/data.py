@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .video import VideoReadError, read_clip
+from ..inference.video import VideoReadError, read_clip
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,11 @@ Model arguments (`--model_args key=value,...`):
 The batch size is lmms-eval's own flag `--batch_size N` (left-padded batched generation). A document's visuals are
 video paths or PIL images; several PIL images of one document are taken as the frames of one video (as MVBench's
 frame-folder subtasks hand them over).
+
+Request types: generate_until, generate_until_multi_round, and loglikelihood for multiple-choice tasks ((loss,
+is_greedy) per choice, lower is likelier, as lmms-eval's own models return; see `continuation_losses`). Several
+processes: `accelerate launch --num_processes N -m lmms_eval ...` (one per GPU; on the CPU add `--multi_gpu` and
+ACCELERATE_USE_CPU=true, since `--cpu` alone runs one process).
 """
 
 from __future__ import annotations
@@ -32,12 +37,19 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
 from lmms_eval.api.model import lmms
 from PIL import Image
 from slowfast_adapter import EncodedVideos, SlowFastConfig, SlowFastModel, wrap
-from slowfast_adapter.training.video import VideoClip, read_clip, uniform_indices
+from slowfast_adapter.inference.video import VideoClip, read_clip, uniform_indices
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
+
+# lmms-eval 0.7.3's evaluator passes every response through `api/instance.py::unwrap_generation_output`, which
+# turns a plain `(loss, is_greedy)` tuple into its string, so `api/task.py::process_results` cannot unpack it (and the
+# CLI exits 0 with no results). A `GenerationResult` comes out of it unchanged (`.text` as is): loglikelihood wraps
+# its pairs in one where the installed lmms-eval mangles tuples, and returns plain tuples where it does not.
+_MANGLES_TUPLES = unwrap_generation_output((0.0, False))[0] != (0.0, False)
 
 POOLING = ("temporal_sampling_stride", "temporal_pooling_stride", "spatial_pooling_stride", "min_fast_frames")
 
@@ -79,7 +91,7 @@ class SlowFastLMM(lmms):
         if not str(batch_size).isdigit():
             raise ValueError(f"batch_size must be a number (--batch_size N), got {batch_size!r}.")
         self.batch_size = int(batch_size)
-        accelerator = Accelerator()
+        self.accelerator = accelerator = Accelerator()  # lmms-eval's evaluator syncs the ranks through it
         if accelerator.num_processes > 1:  # lmms-eval shards the documents by rank
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
             self.device = accelerator.device
@@ -260,10 +272,20 @@ class SlowFastLMM(lmms):
                 bar.update(len(batch))
         return answers
 
+    def loglikelihood(self, requests) -> list:
+        """lmms-eval's scores of `requests` (context, continuation, ...): `continuation_losses`, each pair wrapped so
+        that it reaches the task's scorer intact (see `_MANGLES_TUPLES`)."""
+        losses = self.continuation_losses(requests)
+        return [GenerationResult(text=pair) for pair in losses] if _MANGLES_TUPLES else losses
+
     @torch.no_grad()
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """Sum of the continuation's token log-probabilities after the chat prompt, and whether greedy decoding
-        gives exactly the continuation. One request per forward; a video is decoded once per run of requests."""
+    def continuation_losses(self, requests) -> list[tuple[float, bool]]:
+        """(loss, is_greedy) of each request's continuation after its chat prompt, as lmms-eval's own models return
+        (`llava`, `llava_onevision`, `llava_vid`: the model's `loss` with the prompt's labels masked): loss is the mean
+        negative log-probability of the continuation's tokens, so lower is likelier and lmms-eval's multiple-choice
+        scorers (`api/task.py::process_results` and the video tasks' own, e.g. EgoSchema's and PerceptionTest's
+        `mcppl`) take the argmin; is_greedy: whether greedy decoding gives exactly the continuation. One request per
+        forward; a video is decoded and encoded once for all of its continuations."""
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         args = [r.args for r in requests]
         visuals = [self._visuals(*a[2:]) for a in args]
@@ -288,7 +310,7 @@ class SlowFastLMM(lmms):
             target = inputs["input_ids"][0, -count:]
             logprobs = torch.log_softmax(logits, dim=-1)
             results[i] = (
-                float(logprobs.gather(-1, target[:, None]).sum()),
+                -float(logprobs.gather(-1, target[:, None]).mean()),
                 bool((logprobs.argmax(-1) == target).all()),
             )
         return results

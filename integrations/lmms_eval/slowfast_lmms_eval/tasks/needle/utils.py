@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+COLORS = ["red", "green", "blue", "yellow"]  # slowfast_adapter.demo.needle_data.COLORS, in its order
+
 
 def needle_doc_to_visual(doc: dict) -> list[str]:
     return [str(Path(doc["video"]).resolve())]  # relative to the working directory, as test.jsonl is
@@ -15,6 +17,10 @@ def needle_doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None)
 
 def needle_doc_to_target(doc: dict) -> str:
     return doc["conversations"][1]["value"]
+
+
+def needle_doc_to_choice(doc: dict) -> list[str]:
+    return list(COLORS)
 
 
 def needle_process_results(doc: dict, results: list[str]) -> dict[str, float]:
