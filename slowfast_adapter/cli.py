@@ -110,7 +110,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     try:
         if args.json:
-            print(json.dumps(read_adapter_config(args.directory), indent=2, sort_keys=True))
+            print(json.dumps(read_adapter_config(args.directory, recover=False), indent=2, sort_keys=True))
         else:
             print(inspect_summary(args.directory))
     except AdapterError as err:
