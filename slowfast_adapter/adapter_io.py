@@ -169,6 +169,11 @@ def _staging_folders(directory: Path) -> list[Path]:
     return sorted(directory.glob(f"{STAGING_PREFIX}*.tmp")) if directory.is_dir() else []
 
 
+def _writer_gone(directory: Path) -> bool:
+    """Whether `directory` holds a staging folder whose writer no longer runs (a save to complete or undo)."""
+    return any(not _writer_running(staging) for staging in _staging_folders(directory))
+
+
 def _writer_running(staging: Path) -> bool:
     """Whether the save that owns `staging` still runs: another live process, or a live thread of this one."""
     pid = temporary_writer(staging)
@@ -315,11 +320,11 @@ def reading(directory: Path, *, recover: bool = True) -> Iterator[None]:
         yield
         return
     while True:
-        exclusive = recover and bool(_staging_folders(directory))
+        exclusive = recover and _writer_gone(directory)
         with folder_lock(directory, shared=not exclusive):
             if exclusive:
                 _recover(directory)
-            elif recover and _staging_folders(directory):
+            elif recover and _writer_gone(directory):
                 continue  # a save died between the look and the lock: complete it first
             yield
             return

@@ -437,7 +437,7 @@ class SlowFastModel(nn.Module):
             raise ValueError(f"Adapter names are non-empty and have no '.', '/' or '\\\\': got {adapter_name!r}.")
         if not adapter_name.isprintable():  # NUL, newlines, other control and invisible format characters
             raise ValueError(
-                f"Adapter names have no control or invisible characters (NUL, newline, tab, ...): got {adapter_name!r}; "
+                f"Adapter names have no control or invisible characters (NUL, newline, tab): got {adapter_name!r}; "
                 "pick a printable name (it becomes a folder name when saved)."
             )
         if adapter_name == LORA_SUBFOLDER:
