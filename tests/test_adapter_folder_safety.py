@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -291,34 +290,23 @@ def test_two_threads_saving_into_one_folder(base_dir, tmp_path):
         readers[0].delete_adapter("final")
 
 
-WORKER = Path(__file__).with_name("concurrent_save_worker.py")
-
-
 def test_two_processes_saving_into_one_folder(base_dir, tmp_path):
-    """2 processes x 100 rounds: both save into one folder per round, each loads it back after its save; every
-    folder, at every load and at the end, is exactly one of the two adapters."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    go = tmp_path / "go"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(base_dir), str(tmp_path), str(index), "100", str(go)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for index in range(2)
-    ]
-    ready = [tmp_path / f"ready-{i}" for i in range(2)]
-    deadline = time.monotonic() + 120
-    while not all(p.exists() for p in ready) and time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.05)
-    go.write_text("")
-    outputs = [p.communicate(timeout=240) for p in procs]
-    for proc, (_out, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
+    """2 processes x 100 rounds: both save into one folder per round at once (a barrier), each reads it back after
+    its save; every folder, at every read and at the end, is exactly one of the two adapters."""
+    import multiprocessing
+
+    from concurrent_save_worker import work
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    procs = [context.Process(target=work, args=(str(base_dir), str(tmp_path), i, 100, barrier)) for i in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    errors = [(tmp_path / f"errors-{index}.txt").read_text() for index in range(2)]
+    assert errors == ["", ""], "\n".join(e[-1500:] for e in errors if "BrokenBarrierError" not in e) or errors
     expected = [load_file(tmp_path / f"expected-{i}.safetensors") for i in range(2)]
     for round_ in range(100):
         saved = read_adapter(tmp_path / f"round-{round_}")  # what every load reads (kept fast: no modules)
