@@ -15,18 +15,23 @@ Every file is written to a temporary name beside its target and renamed into pla
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import model_card
@@ -43,6 +48,8 @@ from .files import (
     atomic_write,
     atomic_write_text,
     file_mode,
+    folder_lock,
+    inside,
     process_alive,
     remove_stale_temporaries,
     sha256,
@@ -60,6 +67,7 @@ FORMAT_VERSION = 2  # 2: optional lora/ subfolder and projector tensors; 1 (read
 READABLE_FORMAT_VERSIONS = (1, 2)
 _COMMIT_NAME = "COMMITTED.json"
 CHECKSUMMED = (WEIGHTS_NAME, f"{LORA_SUBFOLDER}/{WEIGHTS_NAME}", f"{LORA_SUBFOLDER}/{CONFIG_NAME}")
+ADAPTER_FILES = (CONFIG_NAME, *CHECKSUMMED)
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 
 
@@ -119,37 +127,108 @@ def write_adapter(directory: str | os.PathLike, contents: AdapterContents) -> No
     All files are written into a staging folder inside `directory`; a commit file written last inside it is the
     commit point; then the files are moved into place (`_roll_forward`). A save killed before the commit point
     leaves the old adapter; one killed after it is completed by the next reader or writer (`recover`). Either
-    way the folder loads as the old adapter or the new one, never a mix.
+    way the folder loads as the old adapter or the new one, never a mix. The folder's lock (`folder_lock`) is held
+    from the first file of the staging folder to the last rename, so saves and loads of one folder (threads or
+    processes) never interleave.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    recover(directory)
-    for folder in (directory, directory / LORA_SUBFOLDER):
-        remove_stale_temporaries(folder)  # what killed saves left behind
-    readme = directory / README_NAME
-    write_card = not readme.exists() or model_card.is_generated(readme.read_text(errors="replace"))  # not a user's
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}.", suffix=".tmp", dir=directory))
-    try:
-        _write_files(staging, contents, write_card=write_card)
-        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-        remove = [name for name in (f"{LORA_SUBFOLDER}/{CONFIG_NAME}", f"{LORA_SUBFOLDER}/{WEIGHTS_NAME}")
-                  if name not in files]  # fmt: skip
-        atomic_write_text(staging / _COMMIT_NAME, json.dumps({"files": files, "remove": remove}))  # commit point
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _roll_forward(directory, staging)
-
-
-def recover(directory: Path) -> None:
-    """Finish or undo saves into `directory` that were killed (staging folders of processes no longer running)."""
-    for staging in sorted(directory.glob(f"{STAGING_PREFIX}*.tmp")) if directory.is_dir() else ():
-        pid = temporary_writer(staging)
-        if pid is not None and pid != os.getpid() and process_alive(pid):
-            continue  # another process is saving right now
+    with folder_lock(directory):
+        for name in (*ADAPTER_FILES, README_NAME):  # a link to elsewhere (e.g. `lora/`) is refused before writing
+            inside(directory, name, what="the adapter file", where=directory, follow=False)
+        _recover(directory)
+        for folder in (directory, directory / LORA_SUBFOLDER):
+            remove_stale_temporaries(folder)  # what killed saves left behind
+        readme = directory / README_NAME
+        write_card = not readme.is_file() or model_card.is_generated(readme.read_text(errors="replace"))  # a user's?
+        prefix = f"{STAGING_PREFIX}t{threading.get_ident()}.{os.getpid()}."
+        staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=directory))
         try:
-            if (staging / _COMMIT_NAME).is_file():
-                _roll_forward(directory, staging)  # committed: complete it
+            _write_files(staging, contents, write_card=write_card)
+            files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+            remove = [name for name in (f"{LORA_SUBFOLDER}/{CONFIG_NAME}", f"{LORA_SUBFOLDER}/{WEIGHTS_NAME}")
+                      if name not in files]  # fmt: skip
+            atomic_write_text(staging / _COMMIT_NAME, json.dumps({"files": files, "remove": remove}))  # commit point
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _roll_forward(directory, staging, _manifest(directory, staging))
+
+
+def recover(directory: str | os.PathLike) -> None:
+    """Finish or undo saves into `directory` that were killed (staging folders whose writer no longer runs), under
+    the folder's lock. A staging folder that names anything outside `directory` is refused before any file is
+    touched."""
+    directory = Path(directory)
+    if directory.is_dir() and _staging_folders(directory):
+        with folder_lock(directory):
+            _recover(directory)
+
+
+def _staging_folders(directory: Path) -> list[Path]:
+    return sorted(directory.glob(f"{STAGING_PREFIX}*.tmp")) if directory.is_dir() else []
+
+
+def _writer_gone(directory: Path) -> bool:
+    """Whether `directory` holds a staging folder whose writer no longer runs (a save to complete or undo)."""
+    return any(not _writer_running(staging) for staging in _staging_folders(directory))
+
+
+def _writer_running(staging: Path) -> bool:
+    """Whether the save that owns `staging` still runs: another live process, or a live thread of this one."""
+    pid = temporary_writer(staging)
+    if pid is None:
+        return False
+    if pid != os.getpid():
+        return process_alive(pid)
+    thread = staging.name[len(STAGING_PREFIX) :].split(".", 1)[0]  # `t<thread id>` (absent in older names)
+    live = {f"t{t.ident}" for t in threading.enumerate() if t is not threading.current_thread()}
+    return thread in live
+
+
+def _pending(directory: Path) -> list[tuple[Path, dict[str, list[str]] | None]]:
+    """Staging folders of saves whose writer is gone, each with its validated manifest (None: not committed).
+
+    Raises AdapterError, touching nothing, if one is not a real folder or its manifest names anything outside
+    `directory`."""
+    pending = []
+    for staging in _staging_folders(directory):
+        if _writer_running(staging):
+            continue  # saving right now (only a writer that does not take the lock: an older version)
+        if staging.is_symlink() or not staging.is_dir():
+            raise AdapterError(
+                f"{staging} (an interrupted save's staging folder) is not a plain folder; refused, nothing was "
+                "touched. Remove it, then load or save the adapter again."
+            )
+        commit = staging / _COMMIT_NAME
+        pending.append((staging, _manifest(directory, staging) if commit.is_file() or commit.is_symlink() else None))
+    return pending
+
+
+def _manifest(directory: Path, staging: Path) -> dict[str, list[str]]:
+    """A staging folder's commit file, every name checked to stay inside the staging folder and `directory`."""
+    commit = inside(staging, _COMMIT_NAME, what="the commit file", where=staging, root=directory)
+    try:
+        manifest = json.loads(commit.read_text())
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"{commit} is not a readable commit file ({err}); refused, nothing was touched.") from err
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(k), list) for k in ("files", "remove")):
+        raise AdapterError(f"{commit} has no 'files' and 'remove' lists; refused, nothing was touched.")
+    for name in manifest["files"]:
+        inside(staging, name, what="'files' entry", where=commit, follow=False)
+        inside(directory, name, what="'files' entry", where=commit, follow=False)
+    for name in manifest["remove"]:
+        inside(directory, name, what="'remove' entry", where=commit, follow=False)
+    return {"files": list(manifest["files"]), "remove": list(manifest["remove"])}
+
+
+def _recover(directory: Path) -> None:
+    """`recover` with the folder's lock held: every pending save is validated first, then completed or dropped."""
+    pending = _pending(directory)
+    for staging, manifest in pending:
+        try:
+            if manifest is not None:
+                _roll_forward(directory, staging, manifest)  # committed: complete it
             else:
                 shutil.rmtree(staging)  # not committed: the old adapter stays
         except PermissionError as err:
@@ -159,19 +238,23 @@ def recover(directory: Path) -> None:
             ) from err
 
 
-def _roll_forward(directory: Path, staging: Path) -> None:
-    """Move a committed staging folder's files into place (config last), drop the files it removes."""
-    manifest = json.loads((staging / _COMMIT_NAME).read_text())
+def _roll_forward(directory: Path, staging: Path, manifest: dict[str, list[str]]) -> None:
+    """Move a committed staging folder's files into place (config last), drop the files it removes.
+
+    `manifest` comes from `_manifest` (every name checked to stay inside)."""
     names = sorted(manifest["files"], key=lambda name: name == CONFIG_NAME)
     for name in names:
         source = staging / name
-        if source.is_file():  # a previous roll-forward may have moved it already
-            (directory / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, directory / name)
+        if source.is_file() and not source.is_symlink():  # a previous roll-forward may have moved it already
+            target = inside(directory, name, what="'files' entry", where=staging / _COMMIT_NAME, follow=False)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
     for name in manifest["remove"]:
-        (directory / name).unlink(missing_ok=True)
+        inside(directory, name, what="'remove' entry", where=staging / _COMMIT_NAME, follow=False).unlink(
+            missing_ok=True
+        )
     lora_dir = directory / LORA_SUBFOLDER
-    if lora_dir.is_dir() and not any(lora_dir.iterdir()):
+    if lora_dir.is_dir() and not lora_dir.is_symlink() and not any(lora_dir.iterdir()):
         lora_dir.rmdir()
     shutil.rmtree(staging)
 
@@ -228,9 +311,39 @@ def _save_lora(
 
 
 # ----------------------------------------------------------------------------------------------- load
-def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    recover(Path(directory))  # complete or undo a save that was killed
-    path = Path(directory) / CONFIG_NAME
+@contextlib.contextmanager
+def reading(directory: Path, *, recover: bool = True) -> Iterator[None]:
+    """Hold `directory`'s lock while reading it: shared (readers run together, no save runs meanwhile), or
+    exclusive when an interrupted save must be completed or undone first (`recover`; `inspect` passes False and
+    changes nothing)."""
+    if not directory.is_dir():
+        yield
+        return
+    while True:
+        exclusive = recover and _writer_gone(directory)
+        with folder_lock(directory, shared=not exclusive):
+            if exclusive:
+                _recover(directory)
+            elif recover and _writer_gone(directory):
+                continue  # a save died between the look and the lock: complete it first
+            yield
+            return
+
+
+def read_adapter_config(directory: str | os.PathLike, *, recover: bool = True) -> dict[str, Any]:
+    """The folder's validated `adapter_config.json`. With `recover` (loads), an interrupted save is completed or
+    undone first; without (`inspect`), nothing on disk changes."""
+    directory = Path(directory)
+    with reading(directory, recover=recover):
+        if not recover:
+            _pending(directory)  # refuses a staging folder that names anything outside, reading only
+        return _read_config(directory)
+
+
+def _read_config(directory: Path, root: Path | None = None) -> dict[str, Any]:
+    """The validated config; every name it gives, and every adapter file, must resolve inside `root` (default:
+    `directory`; a Hub snapshot's repo cache folder, where its files link to)."""
+    path = inside(directory, CONFIG_NAME, what="the config", where=directory, root=root)
     if not path.is_file():
         raise AdapterError(f"{path} does not exist: {directory} is not a slowfast-adapter folder.")
     try:
@@ -252,6 +365,15 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     for key in ("slowfast_config", "base_model"):
         if key not in meta:
             raise AdapterError(f"{path} has no '{key}' entry; the adapter folder is corrupt.")
+    checksums = meta.get("checksums") or {}
+    if not isinstance(checksums, dict):
+        raise AdapterError(f"{path}: 'checksums' must map file names to sha256 digests; the folder is corrupt.")
+    for name in checksums:
+        inside(directory, name, what="checksum entry", where=path, root=root)
+    if meta.get("lora") not in (None, False, LORA_SUBFOLDER):
+        raise AdapterError(f"{path}: 'lora' is {meta['lora']!r}; an adapter keeps its LoRA in {LORA_SUBFOLDER}/.")
+    for name in ADAPTER_FILES:
+        inside(directory, name, what="the adapter file", where=directory, root=root)  # no link leads out
     return meta
 
 
@@ -288,6 +410,10 @@ class SavedAdapter:
     tensors: dict[str, torch.Tensor]
     lora_config: LoraConfig | None = None
     lora_tensors: dict[str, torch.Tensor] | None = None
+    hashes: dict[str, str | None] | None = None
+    """sha256 of the bytes read (under the folder's lock), for each name in the config's checksums."""
+    root: Path | None = None
+    """Where the folder's files must resolve (default: the folder; a Hub snapshot's repo cache folder)."""
 
     @property
     def weights_path(self) -> Path:
@@ -301,8 +427,13 @@ class SavedAdapter:
         """Refuse files whose bytes differ from the sha256 recorded at save time (folders saved before
         checksums existed have none to check)."""
         for name, expected in (self.meta.get("checksums") or {}).items():
-            path = self.directory / name
-            actual = sha256(path) if path.is_file() else None
+            path = inside(
+                self.directory, name, what="checksum entry", where=self.directory / CONFIG_NAME, root=self.root
+            )
+            if self.hashes is not None and name in self.hashes:
+                actual = self.hashes[name]
+            else:
+                actual = sha256(path) if path.is_file() else None
             if actual != expected:
                 state = "is missing" if actual is None else "does not match the sha256 recorded in " + CONFIG_NAME
                 raise AdapterError(
@@ -311,20 +442,27 @@ class SavedAdapter:
                 )
 
 
-def read_adapter(directory: str | os.PathLike) -> SavedAdapter:
-    """Read and validate an adapter folder: config, format version, LoRA part and tensors."""
-    directory = Path(directory)
-    meta = read_adapter_config(directory)
-    try:
-        config = SlowFastConfig.from_dict(meta["slowfast_config"])
-    except (TypeError, ValueError) as err:
-        raise AdapterError(f"{directory / CONFIG_NAME}: invalid slowfast_config: {err}") from err
-    if bool(meta.get("projector_modules")) != config.train_projector:
-        raise AdapterError(f"{directory / CONFIG_NAME}: projector_modules does not match train_projector; corrupt.")
-    lora_config = _read_lora_config(directory, meta)
-    tensors = _load_tensors(directory)
-    lora_tensors = _load_tensors(directory / LORA_SUBFOLDER) if lora_config is not None else None
-    return SavedAdapter(directory, meta, config, tensors, lora_config, lora_tensors)
+def read_adapter(directory: str | os.PathLike, *, root: str | os.PathLike | None = None) -> SavedAdapter:
+    """Read and validate an adapter folder: config, format version, LoRA part and tensors, all under the folder's
+    lock (one save's files, never a mix of two); the checksummed files are hashed from the bytes read."""
+    directory, root = Path(directory), Path(root) if root is not None else None
+    with reading(directory):
+        meta = _read_config(directory, root)
+        try:
+            config = SlowFastConfig.from_dict(meta["slowfast_config"])
+        except (TypeError, ValueError) as err:
+            raise AdapterError(f"{directory / CONFIG_NAME}: invalid slowfast_config: {err}") from err
+        if bool(meta.get("projector_modules")) != config.train_projector:
+            raise AdapterError(f"{directory / CONFIG_NAME}: projector_modules does not match train_projector; corrupt.")
+        lora_config = _read_lora_config(directory, meta)
+        hashes: dict[str, str | None] = {}
+        tensors = _load_tensors(directory, hashes)
+        lora_tensors = _load_tensors(directory / LORA_SUBFOLDER, hashes) if lora_config is not None else None
+        for name in meta.get("checksums") or {}:
+            if name not in hashes:
+                path = directory / name
+                hashes[name] = sha256(path) if path.is_file() else None
+    return SavedAdapter(directory, meta, config, tensors, lora_config, lora_tensors, hashes, root)
 
 
 def _read_lora_config(directory: Path, meta: dict[str, Any]) -> LoraConfig | None:
@@ -366,6 +504,16 @@ def check_keys_and_shapes(expected: dict[str, torch.Tensor], tensors: dict[str, 
             f"{path} has tensors of the wrong shape (file, expected): {wrong}. The folder is corrupt, or was saved "
             "for a base model with other layer sizes."
         )
+    not_float = {
+        k: str(v.dtype).removeprefix("torch.")
+        for k, v in tensors.items()
+        if expected[k].is_floating_point() and not v.is_floating_point()
+    }
+    if not_float:
+        raise AdapterError(
+            f"{path} holds non-float tensors where float weights belong: {not_float}. An adapter's weights are "
+            "float (float64 is cast to the adapter's dtype); the folder is corrupt or was edited. Save it again."
+        )
 
 
 def copy_tensors(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
@@ -375,7 +523,8 @@ def copy_tensors(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tens
             target.copy_(tensors[key])
 
 
-def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(directory: Path, hashes: dict[str, str | None]) -> dict[str, torch.Tensor]:
+    """The tensors of `directory/adapter_model.safetensors`, and the sha256 of the bytes read into `hashes`."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         pickles = [name for name in _PICKLE_NAMES if (directory / name).exists()]
@@ -386,9 +535,13 @@ def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
             )
         raise AdapterError(f"{path} does not exist: the adapter folder is incomplete.")
     try:
-        return load_file(path)
+        data = path.read_bytes()
+        tensors = safetensors.torch.load(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterError(f"{path} is not a readable safetensors file ({err}); the adapter is corrupt.") from err
+    name = WEIGHTS_NAME if directory.name != LORA_SUBFOLDER else f"{LORA_SUBFOLDER}/{WEIGHTS_NAME}"
+    hashes[name] = hashlib.sha256(data).hexdigest()
+    return tensors
 
 
 # -------------------------------------------------------------------------------------------- inspect
@@ -409,13 +562,20 @@ def tensor_counts(path: Path) -> dict[str, int]:
 
 
 def inspect_summary(directory: str | os.PathLike) -> str:
-    """A readable summary of an adapter folder; parameter counts come from the safetensors headers (no load)."""
+    """A readable summary of an adapter folder; parameter counts come from the safetensors headers (no load).
+
+    Only reads: an interrupted save is reported (the next load or save completes or undoes it), not completed."""
     directory = Path(directory)
-    meta = read_adapter_config(directory)
+    with reading(directory, recover=False):
+        pending = _pending(directory) if directory.is_dir() else []
+        meta = _read_config(directory)
+        weights = directory / WEIGHTS_NAME
+        counts = tensor_counts(weights) if weights.is_file() else {}
+        lora_dir = directory / LORA_SUBFOLDER
+        lora_weights, lora_config = lora_dir / WEIGHTS_NAME, lora_dir / CONFIG_NAME
+        lora_count = sum(tensor_counts(lora_weights).values()) if lora_weights.is_file() else 0
+        lora_meta = json.loads(lora_config.read_text()) if meta.get("lora") and lora_config.is_file() else {}
     base = meta["base_model"]
-    counts = tensor_counts(directory / WEIGHTS_NAME) if (directory / WEIGHTS_NAME).is_file() else {}
-    lora_dir = directory / LORA_SUBFOLDER
-    lora_count = sum(tensor_counts(lora_dir / WEIGHTS_NAME).values()) if (lora_dir / WEIGHTS_NAME).is_file() else 0
     slowfast, projector = counts.pop("slow_branches", 0), counts.pop("projector", 0)
     lines = [
         f"adapter:      {directory}",
@@ -429,7 +589,6 @@ def inspect_summary(directory: str | os.PathLike) -> str:
         f"hybrid layers: {meta.get('hybrid_layers')}",
     ]
     if meta.get("lora"):
-        lora_meta = json.loads((lora_dir / CONFIG_NAME).read_text()) if (lora_dir / CONFIG_NAME).is_file() else {}
         lora_line = ", ".join(f"{k}={lora_meta.get(k)}" for k in ("r", "lora_alpha", "lora_dropout", "target_modules"))
         lines.append(f"LoRA:         {LORA_SUBFOLDER}/ (PEFT format): {lora_line}")
     else:
@@ -437,6 +596,10 @@ def inspect_summary(directory: str | os.PathLike) -> str:
     lines.append(f"projector:    {', '.join(meta['projector_modules']) if meta.get('projector_modules') else 'base'}")
     if counts:
         lines.append(f"other tensors: {counts}")
+    for staging, manifest in pending:
+        state = "committed: the next load or save completes it" if manifest else "not committed: the next load or "
+        state += "" if manifest else "save removes it"
+        lines.append(f"interrupted save: {staging.name} ({state})")
     lines.append("config (fields that take effect):")
     effective = SlowFastConfig.from_dict(meta["slowfast_config"]).effective_dict()
     lines += [f"  {k}: {json.dumps(v)}" for k, v in sorted(effective.items())]

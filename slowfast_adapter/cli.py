@@ -31,11 +31,43 @@ def _read_yaml(path: str) -> dict:
 
 
 def _config(cls: type, values: dict, source: str):
-    """`cls(**values)` with unknown keys and wrong types reported by name."""
+    """`cls(**values)` with unknown keys, wrong types and out-of-range values reported by name (before anything runs).
+
+    Integer fields must be >= 1 (`seed`, `eval_every` >= 0), float fields finite (learning rates > 0),
+    `output_dir` a folder name, `slowfast` a `SlowFastConfig`'s fields."""
+    import math
+    import typing
+
+    from .config import SlowFastConfig
+    from .training.recipe import _accepts, _describe
+
     known = sorted(cls.__dataclass_fields__)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise CliError(f"unknown keys {unknown} in {source}; known: {known}.")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if not _accepts(hints[key], value):
+            raise CliError(f"bad value in {source}: {key} must be {_describe(hints[key])}, got {value!r}.")
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CliError(f"bad value in {source}: {key} must be a finite number, got {value}.")
+        if key.endswith("lr") or key == "learning_rate":
+            if value <= 0:
+                raise CliError(f"bad value in {source}: {key} must be > 0, got {value}.")
+            continue
+        low = 0 if key in ("seed", "eval_every") else 1
+        if isinstance(value, int) and not _accepts(hints[key], 0.5) and value < low:  # integer fields only
+            raise CliError(f"bad value in {source}: {key} must be >= {low}, got {value}.")
+    if "output_dir" in values and (not values["output_dir"] or Path(values["output_dir"]).is_file()):
+        raise CliError(f"bad value in {source}: output_dir {values['output_dir']!r} must name a folder.")
+    slowfast = values.get("slowfast")
+    if slowfast is not None:
+        try:
+            SlowFastConfig(**slowfast)
+        except (TypeError, ValueError) as err:
+            raise CliError(f"bad value in {source}: slowfast: {err}") from err
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
@@ -56,7 +88,7 @@ def _quickstart(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import yaml
 
-    from .demo.experiment import DemoConfig, run
+    from .demo.experiment import DemoConfig, check_output_dir, run
     from .training.recipe import yaml_numbers
 
     values = _read_yaml(args.recipe) if args.recipe else {}
@@ -66,13 +98,19 @@ def _demo(args: argparse.Namespace) -> int:
             fields = sorted(DemoConfig.__dataclass_fields__)
             raise CliError(f"bad override {item!r}; use key=value with a DemoConfig field: {fields}.")
         values[key] = yaml.safe_load(value)
-    run(_config(DemoConfig, yaml_numbers(values), args.recipe or "the overrides"))
+    config = _config(DemoConfig, yaml_numbers(values), args.recipe or "the overrides")
+    try:
+        check_output_dir(config)
+    except FileExistsError as err:
+        raise CliError(str(err)) from err
+    run(config)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     import logging
 
+    from .training.data import TrainingDataError
     from .training.recipe import Recipe
     from .training.train import train
 
@@ -86,7 +124,10 @@ def _train(args: argparse.Namespace) -> int:
     if not Path(recipe.data.train_file).is_file():
         raise CliError(f"data.train_file {recipe.data.train_file} does not exist.")
     _check_model_source(recipe.model.name_or_path)
-    summary = train(recipe)
+    try:
+        summary = train(recipe)  # checks that every video/image file exists before the base loads
+    except TrainingDataError as err:
+        raise CliError(str(err)) from err
     return 3 if summary["stopped_early"] else 0
 
 
@@ -110,7 +151,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     try:
         if args.json:
-            print(json.dumps(read_adapter_config(args.directory), indent=2, sort_keys=True))
+            print(json.dumps(read_adapter_config(args.directory, recover=False), indent=2, sort_keys=True))
         else:
             print(inspect_summary(args.directory))
     except AdapterError as err:
@@ -119,9 +160,63 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _flops(args: argparse.Namespace) -> int:
+    _check_flops_arguments(args)
     from .flops import run_cli
 
     return run_cli(args)
+
+
+def _check_flops_arguments(args: argparse.Namespace) -> None:
+    """Everything `flops` is given, checked before any model is built or file written."""
+    from .config import SlowFastConfig
+
+    model = Path(args.model).expanduser()
+    if not (
+        model.is_dir() or model.is_file() or args.model in SHIPPED_CONFIGS or args.model in SHIPPED_CONFIGS.values()
+    ):
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(args.model)
+        except HFValidationError:
+            raise CliError(
+                f"model {args.model!r} is neither an existing folder or config.json, a shipped config "
+                f"({', '.join(SHIPPED_CONFIGS)}), nor a Hub repo id."
+            ) from None
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise CliError(f"model {args.model!r} is not a local folder or file, and HF_HUB_OFFLINE is set (no Hub).")
+    if model.is_dir() and not (model / "config.json").is_file():
+        raise CliError(f"model folder {args.model} holds no config.json.")
+    numbers = {"--frames": (args.frames, 1), "--base-frames": ([args.base_frames], 1),
+               "--text-tokens": ([args.text_tokens], 0), "--image-size": ([args.image_size], 1)}  # fmt: skip
+    for flag, (given, low) in numbers.items():
+        bad = [v for v in given if v is not None and v < low]
+        if bad:
+            raise CliError(f"{flag} must be >= {low}, got {bad[0]}.")
+    values: dict = {}
+    if args.slowfast_config:
+        path = Path(args.slowfast_config)
+        if not path.is_file():
+            raise CliError(f"--slowfast-config {path} does not exist (give a JSON file of SlowFastConfig fields).")
+        try:
+            values = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CliError(f"--slowfast-config {path} is not valid JSON ({err}).") from err
+        if not isinstance(values, dict):
+            raise CliError(f"--slowfast-config {path} must hold a JSON object of SlowFastConfig fields.")
+    for name in ("temporal_sampling_stride", "temporal_pooling_stride", "spatial_pooling_stride", "min_fast_frames",
+                 "hybrid_layer_interval", "hybrid_layer_start", "hybrid_layers", "query_tokens"):  # fmt: skip
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    try:
+        SlowFastConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise CliError(f"bad SlowFastConfig: {err}") from err
+    if args.json_path not in (None, "-"):
+        target = Path(args.json_path)
+        if target.is_dir() or not target.parent.is_dir():
+            raise CliError(f"--json {target}: give a file in an existing folder.")
 
 
 def _flops_arguments(parser: argparse.ArgumentParser) -> None:

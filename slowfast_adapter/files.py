@@ -1,17 +1,24 @@
-"""Names inside an adapter folder, its error type, and atomic file writes (shared by adapter_io and hub).
+"""Names inside an adapter folder, its error type, atomic file writes and the folder lock (shared by adapter_io
+and hub).
 
 Temporary files carry the writer's process id (`.<name>.<pid>.<random>.tmp`), so a later save can remove
 what a killed one left behind without touching another live writer's files.
+
+Every name an adapter folder's own files give (a recovery manifest's lists, checksum keys, the LoRA subfolder, a
+`subfolder=` argument) goes through `inside`: relative, no `..`, and resolving (symlinks followed) inside the
+folder, or an `AdapterError` before any file is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from pathlib import Path
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -23,6 +30,39 @@ STAGING_PREFIX = ".save."  # a whole-folder save in progress: `.save.<pid>.<rand
 
 class AdapterError(ValueError):
     """An adapter folder that cannot be loaded onto this base model, with the reason and the fix."""
+
+
+def relative_name(name: object, *, what: str, where: Path) -> PurePosixPath:
+    """`name` as a plain relative path (`a/b`): a string, not empty, not absolute, no `..`, no NUL or backslash.
+
+    what/where: for the error message (which entry, in which file or folder)."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        raise AdapterError(f"{where}: {what} {name!r} is not a file name inside the adapter folder; refused.")
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or name.startswith("~"):
+        raise AdapterError(
+            f"{where}: {what} {name!r} points outside the adapter folder (absolute or '..'); refused, nothing was "
+            "touched. The folder was edited or comes from an untrusted source: save the adapter again."
+        )
+    return path
+
+
+def inside(
+    directory: Path, name: object, *, what: str, where: Path, root: Path | None = None, follow: bool = True
+) -> Path:
+    """`directory / name`, checked to stay inside `root` (default `directory`) once symlinks are resolved.
+
+    follow: resolve the last component too (a file that is read); False for a name that is replaced or removed
+    (a link there is replaced, not followed), where only its parent folder must resolve inside."""
+    path = directory / relative_name(name, what=what, where=where)
+    root = (root or directory).resolve()
+    resolved = path.resolve() if follow else path.parent.resolve() / path.name
+    if resolved != root and root not in resolved.parents:
+        raise AdapterError(
+            f"{where}: {what} {name!r} resolves to {resolved}, outside {root} (a symbolic link leads out); refused, "
+            "nothing was touched. Replace the link with the file itself."
+        )
+    return path
 
 
 def _umask() -> int:
@@ -96,3 +136,31 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- lock
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a lock per folder within this process only
+    fcntl = None  # type: ignore[assignment]
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def folder_lock(directory: Path, *, shared: bool = False) -> Iterator[None]:
+    """Hold an OS lock on `directory` (`flock` on the folder itself: no lock file inside, works in read-only
+    folders) while saving (exclusive) or loading (`shared`). Each call opens the folder anew, so the lock also
+    excludes other threads of this process. Where `flock` does not exist, a lock per folder in this process."""
+    if fcntl is None:
+        with _PROCESS_LOCKS_GUARD:
+            lock = _PROCESS_LOCKS.setdefault(str(directory.resolve()), threading.Lock())
+        with lock:
+            yield
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

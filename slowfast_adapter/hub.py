@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .files import CONFIG_NAME, LORA_SUBFOLDER, README_NAME, WEIGHTS_NAME, AdapterError
+from .files import CONFIG_NAME, LORA_SUBFOLDER, README_NAME, WEIGHTS_NAME, AdapterError, inside, relative_name
 from .version import __version__
 
 # Only the files an adapter folder needs; pickles and anything else in the repo are never downloaded.
@@ -21,13 +21,35 @@ def resolve_folder(
     subfolder: str | None = None,
 ) -> Path:
     """The local adapter folder for `path_or_hub_id`: the folder itself, or a Hub snapshot of its adapter files."""
+    return resolve_folder_and_root(path_or_hub_id, revision=revision, token=token, subfolder=subfolder)[0]
+
+
+def resolve_folder_and_root(
+    path_or_hub_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    subfolder: str | None = None,
+) -> tuple[Path, Path]:
+    """(the adapter folder, the folder its files must resolve into).
+
+    `subfolder` must stay inside the folder or repo (relative, no `..`, no link leading out), else `AdapterError`.
+    The root is the folder itself, except for a Hub snapshot, whose files are links into the repo's cache folder
+    (`models--<org>--<name>/blobs`): that folder is the root then."""
+    if subfolder is not None and not isinstance(subfolder, str):
+        raise AdapterError(f"subfolder must be a relative folder name (str), got {type(subfolder).__name__}.")
     local = Path(path_or_hub_id).expanduser()
     if local.is_dir():
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos, but {local} is a local folder: drop it.")
-        return local / subfolder if subfolder else local
+        if not subfolder:
+            return local, local
+        folder = inside(local, subfolder.rstrip("/"), what="subfolder", where=local)
+        return folder, folder
     if local.exists():
         raise AdapterError(f"{local} is a file; give the adapter folder (the one holding {CONFIG_NAME}).")
+    if subfolder:
+        relative_name(subfolder.rstrip("/"), what="subfolder", where=Path(str(path_or_hub_id)))
     import huggingface_hub
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -52,7 +74,11 @@ def resolve_folder(
             f"{repo_id} is not a local folder, and downloading it from the Hub failed "
             f"({type(err).__name__}: {err}). Check the path, the repo id, the revision and your token."
         ) from err
-    return Path(snapshot) / prefix if prefix else Path(snapshot)
+    snapshot = Path(snapshot)
+    # the Hub cache: <repo folder>/snapshots/<commit>/<file> -> ../../blobs/<hash>
+    root = snapshot.parent.parent if snapshot.parent.name == "snapshots" else snapshot
+    folder = inside(snapshot, prefix.rstrip("/"), what="subfolder", where=snapshot, root=root) if prefix else snapshot
+    return folder, root
 
 
 def push_folder(

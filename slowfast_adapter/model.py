@@ -435,6 +435,11 @@ class SlowFastModel(nn.Module):
     def _check_new_name(self, adapter_name: str) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\"):
             raise ValueError(f"Adapter names are non-empty and have no '.', '/' or '\\\\': got {adapter_name!r}.")
+        if not adapter_name.isprintable():  # NUL, newlines, other control and invisible format characters
+            raise ValueError(
+                f"Adapter names have no control or invisible characters (NUL, newline, tab): got {adapter_name!r}; "
+                "pick a printable name (it becomes a folder name when saved)."
+            )
         if adapter_name == LORA_SUBFOLDER:
             raise ValueError(f"{LORA_SUBFOLDER!r} is reserved (the LoRA subfolder of a saved adapter): pick another.")
         if adapter_name in self.slowfast_adapters:
@@ -652,8 +657,8 @@ class SlowFastModel(nn.Module):
 def _read_for(base_model: nn.Module, path_or_hub_id: str | os.PathLike, **hub_kwargs: Any) -> adapter_io.SavedAdapter:
     """Read a saved adapter (local folder or Hub repo; `hub_kwargs` for `hub.resolve_folder`) and check it fits
     `base_model`; nothing changes yet."""
-    directory = hub.resolve_folder(path_or_hub_id, **hub_kwargs)
-    saved = adapter_io.read_adapter(directory)
+    directory, root = hub.resolve_folder_and_root(path_or_hub_id, **hub_kwargs)
+    saved = adapter_io.read_adapter(directory, root=root)
     adapter_io.check_base(base_model, saved.meta, directory)
     return saved
 

@@ -60,6 +60,17 @@ def status_line(answer: Answer) -> str:
     return "video encoded on this question; follow-up questions on it reuse its features"
 
 
+def public_message(error: Exception, video: str) -> str:
+    """`error` as the browser may see it: the video named by its file name, never by the server's (temporary)
+    path or folder."""
+    text, name = str(error), Path(video).name
+    for path in sorted({video, str(Path(video)), str(Path(video).resolve())}, key=len, reverse=True):
+        text = text.replace(path, name)
+    for folder in sorted({str(Path(video).parent), str(Path(video).resolve().parent)}, key=len, reverse=True):
+        text = text.replace(folder, "<server folder>") if folder not in ("", ".") else text
+    return text
+
+
 def build_app(qa: VideoQA, samples: dict[str, str], *, title: str = "slow-fast adapter demo") -> gr.Blocks:
     """The Blocks app around `qa`: a sample list and upload, a question, and what `VideoQA.ask` answers."""
 
@@ -69,7 +80,7 @@ def build_app(qa: VideoQA, samples: dict[str, str], *, title: str = "slow-fast a
         try:
             answer = qa.ask(video, question)
         except (OSError, ValueError) as error:  # unreadable video, frame count the pooling cannot take, ...
-            raise gr.Error(str(error)) from error
+            raise gr.Error(public_message(error, video)) from error
         gallery = [(_enlarge(frame.image), frame.caption) for frame in answer.fast_frames]
         fast = sorted({i for frame in answer.fast_frames for i in frame.units})
         values = {"unit": answer.unit, "timestamps": answer.timestamps, "per_frame": answer.per_frame, "fast": fast}

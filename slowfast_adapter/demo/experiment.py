@@ -40,7 +40,10 @@ from .quickstart import answer_batch
 
 @dataclass
 class DemoConfig:
-    """Defaults of `slowfast-adapter demo` (sized for 1 to 2 minutes on 2 quiet CPU cores)."""
+    """Defaults of `slowfast-adapter demo` (sized for 1 to 2 minutes on 2 quiet CPU cores).
+
+    `output_dir` must not hold a previous run (`pretrained-base/` or `adapter/`): a new base under an old adapter
+    would load without a warning and answer badly, so `run` refuses; pick a new folder or remove the old one."""
 
     output_dir: str = "demo-output"
     native_frames: int = 8
@@ -291,8 +294,27 @@ def pretrain_base(config: DemoConfig, *, log: Callable[[str], None]) -> tuple[Pa
     return base_dir, summary
 
 
+PREVIOUS_RUN = ("pretrained-base", "adapter")
+"""What a finished (or partly finished) demo run leaves in its output folder, which a new run never replaces."""
+
+
+def check_output_dir(config: DemoConfig) -> None:
+    """Refuse (FileExistsError, nothing written) an output folder that holds a previous run's base or adapter."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} is a file; give a folder for the demo's results.")
+    found = [name for name in PREVIOUS_RUN if (out / name).exists()]
+    if found:
+        raise FileExistsError(
+            f"{out} holds a previous demo run ({', '.join(f'{name}/' for name in found)}); a new run would replace "
+            f"its base under its adapter. Give another folder (output_dir=...) or remove {out} first."
+        )
+
+
 def run(config: DemoConfig | None = None, log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
+    """The whole experiment into `config.output_dir`, which must not hold a previous run (`check_output_dir`)."""
     config = config or DemoConfig()
+    check_output_dir(config)
     out = Path(config.output_dir)
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()

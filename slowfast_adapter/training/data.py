@@ -58,6 +58,11 @@ class Sample:
     images: list[np.ndarray] = field(default_factory=list)
 
 
+class TrainingDataError(ValueError):
+    """Training data that cannot be used as given (a missing media file, an unreadable record file): one line
+    naming the record and the file."""
+
+
 # ------------------------------------------------------------------------------------------- records
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a JSON list (`.json`) or a JSON-lines file (anything else, one record per line)."""
@@ -87,6 +92,22 @@ def media_paths(record: dict[str, Any], kind: str) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
+
+
+def missing_media(records: list[dict[str, Any]], media_root: str | os.PathLike) -> dict[int, str]:
+    """Record index -> a description of its first video/image file that does not exist (an `os.stat` per file: the
+    cheap check done before training starts; unreadable contents are found when read)."""
+    missing: dict[int, str] = {}
+    for index, record in enumerate(records):
+        for kind in ("video", "image"):
+            paths = media_paths(record, kind)
+            bad = next((p for p in paths if not isinstance(p, str) or not (Path(media_root) / p).is_file()), None)
+            if bad is not None and index not in missing:
+                missing[index] = (
+                    f"record {index} (id {record.get('id', '?')!r}): {kind} file {bad!r} does not exist "
+                    f"(looked for {Path(media_root) / str(bad)})"
+                )
+    return missing
 
 
 def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ job) saves a checkpoint at the next step and exits.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,9 +31,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..model import SlowFastModel, wrap
-from .data import ConversationCollator, ConversationDataset
+from .data import ConversationCollator, ConversationDataset, TrainingDataError, load_records, missing_media
 from .recipe import Recipe
 from .trainer import TRAINER_STATE, Trainer, list_checkpoints, make_accelerator
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -150,10 +153,38 @@ def resolve_resume(recipe: Recipe) -> Path | None:
     return path
 
 
+def check_media(recipe: Recipe) -> tuple[list[dict[str, Any]], Path]:
+    """The recipe's records and media root, every video/image file checked to exist before anything loads.
+
+    A missing file raises `TrainingDataError` (one line naming the record and the file); with
+    `data.skip_bad_videos: true` such records are dropped, each with a warning line."""
+    d = recipe.data
+    try:
+        records = load_records(d.train_file)
+    except (OSError, ValueError) as err:
+        raise TrainingDataError(f"data.train_file {d.train_file}: {err}") from err
+    media_root = Path(d.media_root) if d.media_root is not None else Path(d.train_file).parent
+    missing = missing_media(records, media_root)
+    if missing and not d.skip_bad_videos:
+        first = next(iter(missing.values()))
+        more = f" ({len(missing) - 1} more records have missing files)" if len(missing) > 1 else ""
+        raise TrainingDataError(
+            f"{d.train_file}: {first}{more}. Fix the paths (data.media_root) or set data.skip_bad_videos: true."
+        )
+    for problem in missing.values():
+        logger.warning("Skipping %s (data.skip_bad_videos: true).", problem)
+    return [r for i, r in enumerate(records) if i not in missing], media_root
+
+
 def train(recipe: Recipe) -> dict[str, Any]:
-    """Run a recipe to the end (or to a SIGTERM); returns a summary (also in output_dir/train_summary.json)."""
+    """Run a recipe to the end (or to a SIGTERM); returns a summary (also in output_dir/train_summary.json).
+
+    Every media file is checked to exist first (`check_media`: `TrainingDataError` before anything loads). A run
+    whose latest checkpoint already reached the recipe's steps is complete: nothing trains and nothing is written
+    (a larger `train.max_steps` continues it)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t, d = recipe.train, recipe.data
+    records, media_root = check_media(recipe)
     accelerator = make_accelerator(t)
     set_seed(t.seed)
 
@@ -161,9 +192,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
         base, processor = load_base(recipe)
         model = build_model(recipe, base)
     dataset = ConversationDataset(
-        d.train_file,
+        records,
         processor,
-        media_root=d.media_root,
+        media_root=media_root,
         num_frames=d.num_frames,
         fps=d.fps,
         max_frames=d.max_frames,

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +37,7 @@ from accelerate.utils import DistributedType, GradientAccumulationPlugin
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 try:
     from torch.distributed.checkpoint.state_dict import (
@@ -313,6 +315,12 @@ class _Stop:
         return {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
+def _interactive() -> bool:
+    """Whether progress bars can redraw in place: a terminal or a notebook (in a file or pipe they would glue log
+    lines onto their last state)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
 # ----------------------------------------------------------------------------------------- trainer
 class Trainer:
     """Train `model`'s trainable parameters on `batches` with the optimisation settings of `args`.
@@ -588,6 +596,12 @@ class Trainer:
         accelerator, state = self.accelerator, self.state
         if resume_from is not None:
             self.resume(resume_from)
+            if state["global_step"] >= self.total_steps:  # finished, or killed after its last checkpoint
+                self.log(
+                    f"{self.name}: the run is complete ({resume_from} is at step {state['global_step']} of "
+                    f"{self.total_steps}); nothing was trained or written. Raise train.max_steps to train further."
+                )
+                return {**self.summary(interrupted=False), "already_complete": True, "model": self.unwrapped}
         total = sum(p.numel() for p in self.unwrapped.parameters())
         per_epoch = f", {self.steps_per_epoch} per epoch" if self.steps_per_epoch else ""
         self.log(
@@ -605,7 +619,7 @@ class Trainer:
         self.bar = tqdm(
             total=self.total_steps,
             initial=state["global_step"],
-            disable=not accelerator.is_main_process,
+            disable=not accelerator.is_main_process or not _interactive(),  # log lines only, in files and pipes
             desc=self.name,
             dynamic_ncols=True,
         )
@@ -613,16 +627,17 @@ class Trainer:
         self.tally = torch.zeros(4, dtype=torch.float64)  # loss sum, micro-batches, samples, tokens (this rank)
         self.window_start, interrupted, done = time.perf_counter(), False, False
         try:
-            while not done:
-                epoch = state["epoch"]
-                for batch in self.batches(epoch, state["batches_in_epoch"]):
-                    self.step(batch)
-                    if accelerator.sync_gradients:
-                        interrupted, done = self.end_step(stop.requested)
-                        if done:
-                            break
-                else:  # the epoch ran out: the next one starts from its first batch
-                    state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
+            with logging_redirect_tqdm() if not self.bar.disable else contextlib.nullcontext():  # lines above the bar
+                while not done:
+                    epoch = state["epoch"]
+                    for batch in self.batches(epoch, state["batches_in_epoch"]):
+                        self.step(batch)
+                        if accelerator.sync_gradients:
+                            interrupted, done = self.end_step(stop.requested)
+                            if done:
+                                break
+                    else:  # the epoch ran out: the next one starts from its first batch
+                        state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
         finally:
             self.bar.close()
             for sig, handler in previous.items():
@@ -631,8 +646,8 @@ class Trainer:
             load_trainable_state(self.unwrapped, self._best_weights)
         return self.finish(interrupted)
 
-    def finish(self, interrupted: bool) -> dict[str, Any]:
-        """The run's summary; unless interrupted, the adapter and summary are saved to `output_dir`."""
+    def summary(self, *, interrupted: bool) -> dict[str, Any]:
+        """What the run did: steps, losses, processes, trainable parameters (and validation scores)."""
         summary = {
             "global_step": self.state["global_step"],
             "total_steps": self.total_steps,
@@ -643,6 +658,11 @@ class Trainer:
         }
         if self.scores:
             summary["scores"], summary["best_score"] = self.scores, self.best_score
+        return summary
+
+    def finish(self, interrupted: bool) -> dict[str, Any]:
+        """The run's summary; unless interrupted, the adapter and summary are saved to `output_dir`."""
+        summary = self.summary(interrupted=interrupted)
         if self.output_dir is not None and not interrupted:
             with gathered_trainable(self.unwrapped):  # FSDP: whole adapter tensors (collective)
                 if self.accelerator.is_main_process:
