@@ -267,6 +267,9 @@ def _flops_arguments(parser: argparse.ArgumentParser) -> None:
 QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",  # transformers' info/warning lines
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also turns off transformers' "Loading weights" bars
+    # torch's C++ warnings, which Python's warning filters never see: DDP's "find_unused_parameters=True ... did not
+    # find any unused parameters" on every rank (the flag is on because text-only batches leave the adapter unused)
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
 }
 # Warnings that say nothing actionable in our commands (we set these up on purpose).
 QUIET_WARNINGS = (

@@ -611,7 +611,7 @@ class Trainer:
                 return {**self.summary(interrupted=False), "already_complete": True, "model": self.unwrapped}
         total = sum(p.numel() for p in self.unwrapped.parameters())
         per_epoch = f", {self.steps_per_epoch} per epoch" if self.steps_per_epoch else ""
-        names = [g["name"] for g in self.groups]
+        names = list(dict.fromkeys(g["name"].removesuffix("_no_decay") for g in self.groups))
         groups = "" if names == ["all"] else f" (learning-rate groups: {', '.join(names)})"
         processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
         if accelerator.distributed_type != DistributedType.NO:
