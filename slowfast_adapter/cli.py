@@ -148,7 +148,14 @@ def _check_model_source(name: str) -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     from .adapter_io import AdapterError, inspect_summary, read_adapter_config
+    from .files import CONFIG_NAME
 
+    directory = Path(args.directory)
+    if not (directory / CONFIG_NAME).exists() and (directory / "adapter" / CONFIG_NAME).is_file():
+        raise CliError(
+            f"{directory} is a training run's output folder, not an adapter folder: its adapter is "
+            f"{directory / 'adapter'} (slowfast-adapter inspect {directory / 'adapter'})."
+        )
     try:
         if args.json:
             print(json.dumps(read_adapter_config(args.directory, recover=False), indent=2, sort_keys=True))
@@ -260,6 +267,9 @@ def _flops_arguments(parser: argparse.ArgumentParser) -> None:
 QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",  # transformers' info/warning lines
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also turns off transformers' "Loading weights" bars
+    # torch's C++ warnings, which Python's warning filters never see: DDP's "find_unused_parameters=True ... did not
+    # find any unused parameters" on every rank (the flag is on because text-only batches leave the adapter unused)
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
 }
 # Warnings that say nothing actionable in our commands (we set these up on purpose).
 QUIET_WARNINGS = (
@@ -294,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         help="Offline end to end: tiny base, mp4 videos, wrap, train, save, reload, generate.",
     )
     quick.add_argument("--recipe", help="YAML file with QuickstartConfig fields (e.g. recipes/quickstart.yaml).")
-    quick.add_argument("--output-dir", dest="output_dir")
-    quick.add_argument("--steps", type=int)
-    quick.add_argument("--num-frames", dest="num_frames", type=int)
-    quick.add_argument("--seed", type=int)
+    quick.add_argument("--output-dir", dest="output_dir", help="Folder it writes into (default quickstart-output).")
+    quick.add_argument("--steps", type=int, help="Adapter training steps (default 150).")
+    quick.add_argument("--num-frames", dest="num_frames", type=int, help="Frames read per video (default 16).")
+    quick.add_argument("--seed", type=int, help="Random seed of the videos, the base and the training (default 0).")
     quick.set_defaults(func=_quickstart)
 
     demo = commands.add_parser(
@@ -323,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect = commands.add_parser(
         "inspect", help="Summarise an adapter folder: base model, parameter counts, LoRA, projector, config."
     )
-    inspect.add_argument("directory")
+    inspect.add_argument("directory", help="An adapter folder (a training run's is its output folder's adapter/).")
     inspect.add_argument("--json", action="store_true", help="Print adapter_config.json as is instead.")
     inspect.set_defaults(func=_inspect)
 

@@ -290,6 +290,7 @@ def test_two_threads_saving_into_one_folder(base_dir, tmp_path):
         readers[0].delete_adapter("final")
 
 
+@pytest.mark.slow
 def test_two_processes_saving_into_one_folder(base_dir, tmp_path):
     """2 processes x 100 rounds: both save into one folder per round at once (a barrier), each reads it back after
     its save; every folder, at every read and at the end, is exactly one of the two adapters."""

@@ -101,6 +101,10 @@ def test_inspect_wrong_inputs(capsys, workdir):
     (workdir / "file.txt").write_text("x")
     refused(capsys, workdir, ["inspect", str(workdir / "missing")], "does not exist")
     refused(capsys, workdir, ["inspect", str(workdir / "file.txt")], "does not exist")
+    run = workdir / "run"  # a training run's output folder: the adapter is in adapter/
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    refused(capsys, workdir, ["inspect", str(run)], "training run's output folder", f"inspect {run / 'adapter'}")
 
 
 # ------------------------------------------------------------------------------------------ training data

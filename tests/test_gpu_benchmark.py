@@ -27,6 +27,7 @@ def gpu():
     return module
 
 
+@pytest.mark.slow
 def test_tiny_run_on_the_cpu_writes_every_number_and_proves_every_path(gpu, tmp_path):
     out = tmp_path / "gpu.json"
     argv = [

@@ -127,6 +127,7 @@ def lmms_eval(
     return results, records, output, seconds
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_lmms_eval_cli_reproduces_the_demo_answer_for_answer(demo, demo_answers, capsys):
     config, out, demo_accuracy = demo
@@ -199,6 +200,7 @@ def doc_visual(out: Path):
     return lambda doc: [str((out / "data" / doc["video"]).resolve())]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_multiple_choice_through_the_cli_scores_the_plugins_own_losses(demo, mc_run, plugin_lmm, capsys):
     """lmms-eval's acc, acc_norm and exact_match on `slowfast_needle_mc` equal the ones computed by hand from the
@@ -238,6 +240,7 @@ def test_multiple_choice_through_the_cli_scores_the_plugins_own_losses(demo, mc_
         )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_cpu_processes_merge_to_the_one_process_run(demo, mc_run, capsys):
     """`accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=true runs two ranks, each on a share
@@ -260,6 +263,7 @@ def test_two_cpu_processes_merge_to_the_one_process_run(demo, mc_run, capsys):
         print(f"\nlmms-eval {MC_TASK}: 1 process {one_seconds:.1f} s, 2 CPU processes {seconds:.1f} s")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_multi_round_through_the_cli_answers_each_rounds_question(demo, plugin_lmm, capsys):
     """A `generate_until_multi_round` task: each round's logged answer equals the plugin's answer to that round's
@@ -287,6 +291,7 @@ def test_multi_round_through_the_cli_answers_each_rounds_question(demo, plugin_l
         print(f"\nlmms-eval {task} ({limit} videos x 2 rounds, {seconds:.1f} s): accuracy {accuracy:.3f}")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_run_that_writes_no_results_fails(tiny_dirs, tmp_path):
     """The check every CLI test uses fails on a run that exits 0 without results: lmms-eval 0.7.3 on a

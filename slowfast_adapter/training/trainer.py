@@ -504,9 +504,16 @@ class Trainer:
             with (self.output_dir / "log.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if step % self.args.logging_steps == 0 or step == self.total_steps:
-            rates = ", ".join(f"{group} {rate:.3g}" for group, rate in lrs.items() if not group.endswith("_no_decay"))
+            rates = ", ".join(
+                f"{rate:.3g}" if group == "all" else f"{group} {rate:.3g}"
+                for group, rate in lrs.items()
+                if not group.endswith("_no_decay")
+            )
             window = self.state["losses"][-self.args.logging_steps :]
-            self.log(f"{self.name} step {step}/{self.total_steps} loss {sum(window) / len(window):.4f} lr {rates}")
+            self.log(
+                f"{self.name} step {step}/{self.total_steps} loss {sum(window) / len(window):.4f} "
+                f"(mean of the last {len(window)} steps) lr {rates}"
+            )
 
     # --------------------------------------------------------------------------------- checkpoint
     def checkpoint(self) -> Path:
@@ -604,9 +611,13 @@ class Trainer:
                 return {**self.summary(interrupted=False), "already_complete": True, "model": self.unwrapped}
         total = sum(p.numel() for p in self.unwrapped.parameters())
         per_epoch = f", {self.steps_per_epoch} per epoch" if self.steps_per_epoch else ""
+        names = list(dict.fromkeys(g["name"].removesuffix("_no_decay") for g in self.groups))
+        groups = "" if names == ["all"] else f" (learning-rate groups: {', '.join(names)})"
+        processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
+        if accelerator.distributed_type != DistributedType.NO:
+            processes += f" ({accelerator.distributed_type.value})"
         self.log(
-            f"training {self.trainable:,d} of {total:,d} parameters ({', '.join(g['name'] for g in self.groups)}) on "
-            f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, mixed precision "
+            f"training {self.trainable:,d} of {total:,d} parameters{groups} on {processes}, mixed precision "
             f"{accelerator.mixed_precision}"
             f"{f' ({len(self.upcast)} trainable tensors upcast to fp32)' if self.upcast else ''}; "
             f"{self.total_steps} steps{per_epoch}"
