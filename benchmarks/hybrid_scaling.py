@@ -52,7 +52,8 @@ def build_branch(shape: dict, implementation: str, slow_tokens: int, queries: in
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
     from slowfast_adapter.hybrid import HybridLayerHooks, SlowBranch
-    from slowfast_adapter.state import SlowContext, SlowTokens, activated
+    from slowfast_adapter.state import SlowContext, activated
+    from slowfast_adapter.types import SlowTokens
 
     config = Qwen2Config(
         hidden_size=shape["hidden"],

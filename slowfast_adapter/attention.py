@@ -15,11 +15,12 @@ same pass and with the same softmax: `slow_attention_mass` ("where it looked", `
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from .types import PackedKeys
 
 DEFAULT_CHUNK_SIZE = 4096
 """Slow tokens per step of the eager kernel: scores of [.., L_q, chunk_size] at a time."""
@@ -93,20 +94,6 @@ def kernel_for(implementation: str, query: torch.Tensor) -> str:
     ):
         return "flash_attn"
     return "sdpa"
-
-
-class PackedKeys(NamedTuple):
-    """The real keys of a padded [B, S] key mask, packed row after row (flash-attn's varlen layout).
-
-    lengths: [B] int32, real keys per row; index: [N] long, their flat positions b * S + s in row order."""
-
-    lengths: torch.Tensor
-    index: torch.Tensor
-
-    @classmethod
-    def from_mask(cls, key_padding_mask: torch.Tensor) -> PackedKeys:
-        """From a [B, S] mask (one host sync, once per call: the index has a data-dependent length)."""
-        return cls(key_padding_mask.sum(-1, dtype=torch.int32), key_padding_mask.flatten().nonzero().squeeze(1))
 
 
 def _flash_attention(

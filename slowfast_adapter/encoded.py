@@ -23,14 +23,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from . import surface
-
-if TYPE_CHECKING:
-    from .families import PreparedInputs
+from .types import PreparedInputs, VideoFeatures
 
 
 def fingerprint(pixels: torch.Tensor) -> str:
@@ -38,24 +36,6 @@ def fingerprint(pixels: torch.Tensor) -> str:
     data = pixels.detach().contiguous().cpu()
     digest = hashlib.blake2b(data.view(torch.uint8).numpy() if data.numel() else b"", digest_size=16)  # no copy
     return f"{tuple(data.shape)}:{data.dtype}:{digest.hexdigest()}"
-
-
-@dataclass
-class VideoFeatures:
-    """One video encoded by the base's vision tower and projector (before fast pooling).
-
-    native: the family's per-video features (LLaVA: [T*h*w + 1, D] with the newline token; Qwen: the merged
-    tokens [N, D] and, for Qwen3-VL, `extra` holds the deepstack features per layer [N, D]).
-    output_type: the class of the base's `get_video_features` output, to rebuild one from cached videos.
-    """
-
-    native: torch.Tensor
-    extra: list[torch.Tensor] = field(default_factory=list)
-    output_type: Any = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [self.native, *self.extra])
 
 
 def _parameters_state(tensors: list[torch.Tensor]) -> tuple:

@@ -37,9 +37,9 @@ from . import surface
 from .config import SlowFastConfig
 from .configs import CONFIGS_DIR, SHIPPED_CONFIGS
 from .families import family_for
-from .families.base import VideoLayout
 from .pooling import plan_fast_frames
-from .state import SlowTokens, activated, prompt_query_mask
+from .state import activated, prompt_query_mask
+from .types import SlowTokens, VideoLayout
 
 QWEN3_TIMESTAMP_TOKENS = 6
 """Qwen3-VL writes `<t seconds>` before each temporal group: about 6 tokens (`<`, digits, `.`, digit,

@@ -24,16 +24,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from einops import reduce
+from torch import nn
 
 from .attention import slow_attention_mass
-from .state import SlowContext, SlowItem, SlowTokens
-
-if TYPE_CHECKING:
-    from .model import SlowFastModel
+from .state import SlowContext
+from .types import SlowItem, SlowTokens
 
 
 @dataclass
@@ -244,7 +243,7 @@ _LOOKING: ContextVar[Recording | None] = ContextVar("slowfast_looking", default=
 
 
 @contextmanager
-def looking(model: SlowFastModel, *, timestamps: Sequence[Sequence[float]] | None = None) -> Iterator[Recording]:
+def looking(model: nn.Module, *, timestamps: Sequence[Sequence[float]] | None = None) -> Iterator[Recording]:
     """Record the per-frame maps of every slow-fast `forward`/`generate` call of `model` inside the block (this
     thread only). timestamps: per video, each frame's time in seconds (see `unit_timestamps`)."""
     recording = Recording(id(model), list(model.hybrid_layer_indices), model.family.video_unit, timestamps)
@@ -255,7 +254,7 @@ def looking(model: SlowFastModel, *, timestamps: Sequence[Sequence[float]] | Non
         _LOOKING.reset(token)
 
 
-def attach(model: SlowFastModel, context: SlowContext | None, prompt_ids: torch.Tensor, attention_mask) -> None:
+def attach(model: nn.Module, context: SlowContext | None, prompt_ids: torch.Tensor, attention_mask) -> None:
     """Give `context` a `CallRecorder` when `model` runs inside `looking(model)` (called by forward/generate)."""
     recording = _LOOKING.get()
     if context is None or recording is None or recording.owner != id(model):
@@ -272,7 +271,7 @@ def attach(model: SlowFastModel, context: SlowContext | None, prompt_ids: torch.
 
 
 def where_it_looked(
-    model: SlowFastModel,
+    model: nn.Module,
     inputs: dict[str, Any],
     *,
     max_new_tokens: int | None = None,

@@ -39,7 +39,8 @@ except ImportError:  # torch built without distributed support
 
 from . import surface
 from .attention import kernel_for, slow_cross_attention
-from .state import SlowContext, SlowItem, active_context, current_context
+from .state import SlowContext, active_context, current_context
+from .types import SlowItem
 
 
 def _autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:

@@ -17,9 +17,10 @@ from . import adapter_io, frame_attention, hub, lora, state, surface
 from .adapters import SlowFastAdapter
 from .config import SlowFastConfig
 from .encoded import EncodedVideos, PromptPrefix, parameters_state, prefix_inputs, prepared_videos
-from .families import ModelFamily, PreparedInputs, family_for
+from .families import ModelFamily, family_for
 from .files import DEFAULT_ADAPTER, LORA_SUBFOLDER, AdapterError
 from .hybrid import HybridLayerHooks, compute_input, register_step_hook
+from .types import PreparedInputs
 
 if TYPE_CHECKING:
     from peft import LoraConfig

@@ -12,106 +12,15 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .attention import PackedKeys
 from .surface import changed
+from .types import SlowTokens
 
 if TYPE_CHECKING:
     from .encoded import EncodedVideos
-
-
-@dataclass(frozen=True)
-class SlowItem:
-    """One video's (or image's) slow tokens inside `SlowTokens`: tokens[row, start : start + length].
-
-    key: the video's fingerprint when its features may come from (or go to) an `EncodedVideos` cache.
-    units: a video's frames (or temporal groups of frames), each `length // units` consecutive tokens; 0 for an
-    image's tokens (read by "where it looked", `frame_attention.py`)."""
-
-    row: int
-    start: int
-    length: int
-    key: str | None = None
-    units: int = 0
-
-
-class SlowPiece(NamedTuple):
-    """One video's (or image's) slow tokens [S_i, D] for sample `row`, before packing (see `SlowItem`)."""
-
-    row: int
-    tokens: torch.Tensor
-    key: str | None = None
-    units: int = 0
-
-
-@dataclass
-class SlowTokens:
-    """The slow tokens of a batch, padded: tokens [B, S, D], mask [B, S] (True = real token; each row's real
-    tokens come first).
-
-    items: where each video's (or image's) tokens sit, in row order; by default one item per row holding the
-    row's leading real tokens. Slow K/V are projected item by item, so a video's K/V do not depend on the
-    batch it is in (and can be cached, see `encoded.py`).
-
-    Derived once here, so a decode step reads them without a host sync (and `torch.compile` sees plain fields):
-    has_slow [B] bool, the sample has at least one slow token; attend_mask [B, S], the key mask with no empty row
-    (empty samples' outputs are zeroed by the caller); padded, whether any row of it has a False (else attention
-    runs with no mask at all); packed_keys, the real keys of a padded batch for flash-attn's varlen kernel.
-    """
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    items: list[SlowItem] | None = None
-    has_slow: torch.Tensor = field(init=False, repr=False)
-    attend_mask: torch.Tensor = field(init=False, repr=False)
-    padded: bool = field(init=False, repr=False)
-    packed_keys: PackedKeys | None = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        counts = self.mask.sum(-1)
-        if self.items is None:
-            self.items = [SlowItem(row, 0, int(count)) for row, count in enumerate(counts.tolist()) if count]
-        self.has_slow = counts > 0
-        self.attend_mask = self.mask.clone()
-        self.attend_mask[:, 0] |= ~self.has_slow
-        self.padded = not bool(self.attend_mask.all())
-        self.packed_keys = PackedKeys.from_mask(self.attend_mask) if self.padded else None
-
-    @property
-    def kernel_mask(self) -> torch.Tensor | None:
-        """`attend_mask` where some row is padded, else None: the attention kernels run unmasked then."""
-        return self.attend_mask if self.padded else None
-
-    @classmethod
-    def pack(cls, items: list[SlowPiece], batch_size: int) -> SlowTokens | None:
-        """Concatenate per-item slow tokens by sample row; None when there are no items."""
-        if not items:
-            return None
-        if batch_size == 1 and len(items) == 1:  # one video (the long-video case): a view, no copy
-            row, tokens, key, units = items[0]
-            mask = torch.ones(1, tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            return cls(tokens[None], mask, [SlowItem(row, 0, tokens.shape[0], key, units)])
-        items = sorted(items, key=lambda item: item.row)  # stable: keeps each sample's items in order
-        rows = torch.tensor([item.row for item in items])
-        lengths = torch.tensor([item.tokens.shape[0] for item in items])
-        flat = torch.cat([item.tokens for item in items])  # [N, D]
-        sample = rows.repeat_interleave(lengths)  # [N]
-        per_row = torch.bincount(rows, weights=lengths, minlength=batch_size).long()
-        starts = per_row.cumsum(0) - per_row
-        slot = torch.arange(flat.shape[0]) - starts[sample]
-        tokens = flat.new_zeros(batch_size, int(per_row.max()), flat.shape[-1])
-        mask = torch.zeros(batch_size, tokens.shape[1], dtype=torch.bool, device=flat.device)
-        sample, slot = sample.to(flat.device), slot.to(flat.device)
-        tokens[sample, slot] = flat
-        mask[sample, slot] = True
-        placed, cursor = [], [0] * batch_size
-        for (row, _, key, units), length in zip(items, lengths.tolist(), strict=True):
-            placed.append(SlowItem(row, cursor[row], length, key, units))
-            cursor[row] += length
-        return cls(tokens, mask, placed)
 
 
 def prompt_query_mask(visual_mask: torch.Tensor, query_tokens: str) -> torch.Tensor:

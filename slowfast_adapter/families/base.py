@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,44 +9,10 @@ from torch import nn
 
 from .. import surface
 from ..config import SlowFastConfig
-from ..encoded import EncodedVideos, VideoFeatures
+from ..encoded import EncodedVideos
 from ..hybrid import apply_rope, default_query_states
 from ..sequence import fit_sequence, placeholder_item_rows
-from ..state import SlowPiece, SlowTokens
-
-
-@dataclass
-class PreparedInputs:
-    """Base-model inputs with fast tokens in the sequence, and the slow tokens beside it.
-
-    model_inputs: keyword arguments for the base model's `forward` / `generate` (the sequence is fitted
-    to the fast token count; labels and attention mask stay aligned).
-    input_ids: [B, L'] the fitted sequence; visual_mask: [B, L'] True on visual placeholder tokens.
-    slow: the slow tokens of every sample, or None when the batch has none.
-    """
-
-    model_inputs: dict[str, Any]
-    input_ids: torch.Tensor
-    visual_mask: torch.Tensor
-    slow: SlowTokens | None
-
-
-@dataclass(frozen=True)
-class VideoLayout:
-    """How one square video enters a family's model (FLOP counting; no pixels needed).
-
-    units: frames (LLaVA) or temporal groups of frames (Qwen) the vision tower encodes; grid: native video
-    tokens per unit (h, w) after the base's own pooling / merging; newline_tokens: tokens a video adds once
-    (LLaVA's newline); text_tokens_per_unit: text the processor writes per unit (Qwen3-VL timestamps and
-    vision start/end); image_size: the frame size in px the layout assumes (None: fixed by the model).
-    """
-
-    units: int
-    unit_name: str
-    grid: tuple[int, int]
-    newline_tokens: int
-    text_tokens_per_unit: int
-    image_size: int | None
+from ..types import PreparedInputs, SlowPiece, SlowTokens, VideoFeatures, VideoLayout
 
 
 class ModelFamily:

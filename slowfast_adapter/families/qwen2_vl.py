@@ -16,11 +16,11 @@ from torch import nn
 
 from .. import surface
 from ..config import SlowFastConfig
-from ..encoded import EncodedVideos, VideoFeatures, encoded_items
+from ..encoded import EncodedVideos, encoded_items
 from ..pooling import FastPlan, plan_fast_frames, pool_fast_frames
 from ..sequence import placeholder_item_rows, placeholder_keep_mask
-from ..state import SlowPiece
-from .base import ModelFamily, PreparedInputs, VideoLayout, add_images, finish_prepare, pop_input_ids
+from ..types import PreparedInputs, SlowPiece, VideoFeatures, VideoLayout
+from .base import ModelFamily, add_images, finish_prepare, pop_input_ids
 
 
 class Qwen2VLFamily(ModelFamily):

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .. import surface
-from ..encoded import VideoFeatures
 from ..pooling import FastPlan
+from ..types import VideoFeatures
 from .qwen2_vl import Qwen2VLFamily, pool_videos
 
 
