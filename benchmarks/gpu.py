@@ -430,7 +430,7 @@ def measure_prefill(bench: Benchmark, base: torch.nn.Module) -> None:
             prepared = model.prepare_inputs(**slow_inputs)  # vision tower and pooling: not timed
 
             def call() -> None:  # the slow K/V projection + the LLM forward with the hybrid layers active
-                context = model._slow_context(prepared)
+                context = model.slow_context(prepared)
                 with state.activated(context):
                     base(**prepared.model_inputs, logits_to_keep=1)
                 calls.append(dict(context.stats))
@@ -492,12 +492,12 @@ def measure_decode(bench: Benchmark, base: torch.nn.Module) -> None:
             with wrapped(base, config) as model, torch.no_grad():
                 layers = len(model.hybrid_layer_indices)
                 prepared = model.prepare_inputs(**slow_inputs)
-                context = model._slow_context(prepared)  # slow K/V projected once (cached mode)
+                context = model.slow_context(prepared)  # slow K/V projected once (cached mode)
                 with state.activated(context):  # the prefill that fills the KV cache (not timed)
                     cache = surface.output_cache(base(**prepared.model_inputs, use_cache=True, logits_to_keep=1))
                 if reproject:
                     model.debug_reproject_slow_kv = True  # on the instance: every step projects the slow K/V again
-                    context = model._slow_context(prepared)
+                    context = model.slow_context(prepared)
                 times, deltas = decode_steps(base, cache, context, device, steps=steps, warmup=warmup)
             entry.update(frames=args.slowfast_frames, llm_tokens=prepared.input_ids.shape[1],
                          slow_tokens=int(prepared.slow.mask.sum()), **summary(times))  # fmt: skip

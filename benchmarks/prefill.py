@@ -77,7 +77,7 @@ def prefill_call(base, prepared, ratio: int):
     layers = len(model.hybrid_layer_indices)
 
     def call():
-        context = model._slow_context(prepared)
+        context = model.slow_context(prepared)
         with state.activated(context):
             output = base(**prepared.model_inputs, logits_to_keep=1)
         # What is timed must be the slow path: every hybrid layer projected its K/V once and read them.

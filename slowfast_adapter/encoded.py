@@ -20,14 +20,16 @@ was at `encode`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
-from . import surface
+from . import state, surface
 from .types import PreparedInputs, VideoFeatures
 
 
@@ -171,3 +173,56 @@ def encoded_items(
     if store:
         cache.videos.update(fresh)
     return [fresh[key] if key in fresh else cache.videos[key] for key in keys], keys
+
+
+# ------------------------------------------------------------------------------ the wrapper's encode and reuse
+def encode(model: nn.Module, inputs: dict[str, Any], into: EncodedVideos | None) -> EncodedVideos:
+    """`SlowFastModel.encode` of `model` (see its docstring): the videos of `inputs` and their slow K/V added to
+    `into` (or a new `EncodedVideos`); with one prompt, also its prefix's KV cache."""
+    encoded = into if into is not None else EncodedVideos(owner=id(model), projector=model.projector_adapter)
+    encoded.check_owner(id(model), model.projector_adapter)
+    input_ids = inputs.get("input_ids")
+    if input_ids is not None and input_ids.shape[0] == 1 and state.current_mode(id(model)) == "slowfast":
+        _encode_prompt(model, {k: v for k, v in inputs.items() if k != "labels"}, encoded)
+        return encoded
+    videos = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
+    slow = model.family.encode_videos(model.base_model, model.slowfast_config, videos, encoded)
+    if slow is not None:
+        empty_prompt = torch.zeros(slow.mask.shape[0], 0, dtype=torch.bool)
+        model.slow_context_for_tokens(slow, empty_prompt, encoded=encoded, store_kv=True)
+    return encoded
+
+
+def _encode_prompt(model: nn.Module, inputs: dict[str, Any], encoded: EncodedVideos) -> None:
+    """One prompt: add its videos and their slow K/V to `encoded`, and keep the LLM's KV cache of the prompt up
+    to its last visual token (see the module docstring) when every visual input of the prompt is a cached video."""
+    prepared = model.family.prepare(model.base_model, model.slowfast_config, inputs, encoded=encoded, store=True)
+    context = model.slow_context(prepared, encoded, store_kv=True)  # projects and stores the slow K/V
+    videos = prepared_videos(prepared)
+    if context is None or videos is None or inputs.get("pixel_values") is not None:
+        return  # images are not cached: a prefix holding one could not be matched to it later
+    length = int(prepared.visual_mask[0].nonzero()[-1]) + 1
+    if length >= prepared.input_ids.shape[1]:
+        return  # nothing after the video to ask
+    with state.activated(context):
+        output = model.base_model(**prefix_inputs(prepared.model_inputs, length), use_cache=True, logits_to_keep=1)
+    key = (tuple(prepared.input_ids[0, :length].tolist()), videos)
+    encoded.prefixes[key] = PromptPrefix(surface.output_cache(output), parameters_state(model))
+
+
+def generate_inputs(
+    model: nn.Module, prepared: PreparedInputs, encoded: EncodedVideos | None, context: state.SlowContext | None
+) -> dict[str, Any]:
+    """The base `generate`'s inputs for `prepared`: from a copy of the cached prompt prefix's KV cache when
+    `encoded` holds one this prompt continues (only the rest of the prompt is prefilled), else as prepared."""
+    model_inputs = prepared.model_inputs
+    if encoded is None or context is None or context.frame_attention is not None:  # maps cover every token
+        return model_inputs
+    prefix = encoded.prefix_for(prepared, prepared_videos(prepared), parameters_state(model))
+    if prefix is None:
+        return model_inputs
+    encoded.stats["prefix_hits"] += 1
+    model_inputs = {k: v for k, v in model_inputs.items() if k != surface.ENCODER_OUTPUTS_KWARG}
+    model_inputs[surface.cache_kwarg(model.base_model)] = copy.deepcopy(prefix.cache)
+    model.family.forget_generate_state(model.base_model)
+    return model_inputs

@@ -203,7 +203,7 @@ def count_language_model(
             torch.empty(1, slow_tokens, text.hidden_size, device="meta"), torch.ones(1, slow_tokens, dtype=torch.bool)
         )
         kv_flops, context = count_flops(
-            lambda: model.slow_context(slow, query_mask[None], reproject_slow_kv=reproject_slow_kv)
+            lambda: model.slow_context_for_tokens(slow, query_mask[None], reproject_slow_kv=reproject_slow_kv)
         )
     cache = DynamicCache(config=text)
 

@@ -12,15 +12,12 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .surface import changed
-from .types import SlowTokens
-
-if TYPE_CHECKING:
-    from .encoded import EncodedVideos
+from .types import SlowKVCache, SlowTokens
 
 
 def prompt_query_mask(visual_mask: torch.Tensor, query_tokens: str) -> torch.Tensor:
@@ -78,7 +75,7 @@ class SlowContext:
     stats: dict[str, int] = field(default_factory=lambda: {"steps": 0, "slow_reads": 0, "kv_projections": 0})
     reads: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     kernels: set[str] = field(default_factory=set)
-    encoded: EncodedVideos | None = None
+    encoded: SlowKVCache | None = None
     store_kv: bool = False
     frame_attention: Any = None
 

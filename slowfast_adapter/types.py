@@ -6,7 +6,7 @@ The bottom layer of the package: it imports nothing from slowfast_adapter, so ev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -166,3 +166,13 @@ class VideoLayout:
     newline_tokens: int
     text_tokens_per_unit: int
     image_size: int | None
+
+
+class SlowKVCache(Protocol):
+    """Where a call's slow K/V may come from and go to (`encoded.EncodedVideos`), keyed by (adapter module id, layer
+    index, video fingerprint); `parameters`: the tensors the K/V were projected with (an entry is stale once they
+    change)."""
+
+    def cached_kv(self, key: tuple[int, int, str], parameters: list[torch.Tensor]) -> torch.Tensor | None: ...
+
+    def store_kv(self, key: tuple[int, int, str], kv: torch.Tensor, parameters: list[torch.Tensor]) -> None: ...

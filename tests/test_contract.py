@@ -240,7 +240,7 @@ def test_another_models_active_call_is_ignored(tiny_dir, base, processor):
     inputs = make_inputs(processor, SAMPLES[:1])
     prepared_b = model_b.prepare_inputs(**inputs)
     plain = model_b.base_model(**prepared_b.model_inputs).logits
-    context_a = model_a._slow_context(model_a.prepare_inputs(**inputs))
+    context_a = model_a.slow_context(model_a.prepare_inputs(**inputs))
     with state.activated(context_a):
         assert torch.equal(model_b.base_model(**prepared_b.model_inputs).logits, plain)
         assert not torch.equal(model_a.base_model(**model_a.prepare_inputs(**inputs).model_inputs).logits, plain)

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("attention", "pooling", "sequence", "state", "encoded", "hybrid", "frame_attention", "host_syncs", "lora"),
     ),
     ("families", ("families",)),
-    ("adapter files and the Hub", ("adapter_io", "files", "hub", "model_card")),
+    ("adapter files and the Hub", ("adapter_io", "files", "hub", "model_card", "save_and_load")),
     ("wrapper", ("model", "adapters")),
     ("inference", ("inference",)),
     ("training", ("training",)),

@@ -138,13 +138,13 @@ def test_hooks_receive_exactly_the_known_keyword_arguments_in_prefill_and_decode
 @torch.no_grad()
 def test_a_decode_step_without_a_cache_or_without_the_step_hook_raises(base, processor):
     model = sfa.wrap(base, CONFIG)
-    context = model._slow_context(model.prepare_inputs(**make_inputs(processor, [("video", "What is it?")])))
+    context = model.slow_context(model.prepare_inputs(**make_inputs(processor, [("video", "What is it?")])))
     hidden = base.config.get_text_config().hidden_size
     with state.activated(context):
         base.model.language_model(inputs_embeds=torch.zeros(1, context.prompt_query_mask.shape[1], hidden))
         with pytest.raises(surface.SurfaceError, match="without a transformers.Cache.*transformers"):
             base.model.language_model(inputs_embeds=torch.zeros(1, 1, hidden))
-    context = model._slow_context(model.prepare_inputs(**make_inputs(processor, [("video", "What is it?")])))
+    context = model.slow_context(model.prepare_inputs(**make_inputs(processor, [("video", "What is it?")])))
     layer = base.model.language_model.layers[model.hybrid_layer_indices[0]]
     rotary = base.model.language_model.rotary_emb
     embeds = torch.zeros(1, 3, hidden)
