@@ -44,7 +44,8 @@ from common import (  # noqa: E402
 from prefill import slowfast_config  # noqa: E402
 from transformers import CompileConfig  # noqa: E402
 
-from slowfast_adapter import flops, wrap  # noqa: E402
+from slowfast_adapter import wrap  # noqa: E402
+from slowfast_adapter.tools import flops
 
 VARIANTS = {  # name -> (label, model, generate keywords)
     "base": ("base, dynamic cache", "base", {}),

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import build_model, command_line, machine, summary, video_inputs, write_results  # noqa: E402
 
-from slowfast_adapter import SlowFastConfig, looking, state, wrap  # noqa: E402
+from slowfast_adapter import SlowFastConfig, looking, wrap  # noqa: E402
+from slowfast_adapter.core import state
 
 
 def open_gates(model) -> None:

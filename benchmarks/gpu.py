@@ -23,7 +23,7 @@ Inputs are what the stock processor returns, built directly: random normalised p
 input_ids with F x 196 + 1 video placeholders (every frame's grid and one newline token) in ~100 text tokens.
 
 Every measurement checks that the path it times ran and records the evidence under `ran`: slow-fast calls
-count their K/V projections and slow reads per step (`slowfast_adapter.state.recording()`), base calls must
+count their K/V projections and slow reads per step (`slowfast_adapter.core.state.recording()`), base calls must
 create no slow context at all. Each measurement has its own try/except: an error is recorded in the JSON and
 the run goes on; the JSON is rewritten after every measurement (a killed run keeps what it measured). Exit
 status 1 if any measurement failed or was skipped by the time guard (`--time-limit`; an OOM is a result, not a
@@ -59,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import timed_generate  # noqa: E402
 
-from slowfast_adapter import SlowFastConfig, __version__, state, surface, wrap  # noqa: E402
+from slowfast_adapter import SlowFastConfig, __version__, wrap  # noqa: E402
+from slowfast_adapter.core import state, surface
 from slowfast_adapter.families import family_for  # noqa: E402
 
 MODEL_CONFIG = "llava-video-7b-qwen2"
@@ -70,7 +71,9 @@ TINY_OVERRIDES = {"hybrid_layer_interval": 2}  # the tiny decoder has 4 layers: 
 # ------------------------------------------------------------------------------------------- settings
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny random model (slowfast_adapter.tiny), CPU seconds")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny random model (slowfast_adapter.tools.tiny), CPU seconds"
+    )
     parser.add_argument("--device", default=None, help="cuda (default where available) or cpu")
     parser.add_argument(
         "--dtype", choices=["bfloat16", "float16", "float32"], help="bfloat16 (default on CUDA), float32 (on the CPU)"
@@ -162,11 +165,11 @@ def attention_implementation(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def check_fence() -> str | None:
-    """None, or why slowfast-adapter's fence (slowfast_adapter.surface) refuses this transformers: wraps a tiny
+    """None, or why slowfast-adapter's fence (slowfast_adapter.core.surface) refuses this transformers: wraps a tiny
     model (a second, before any minutes are spent building the 7B one)."""
     import transformers
 
-    from slowfast_adapter.tiny import build_tiny_llava_onevision
+    from slowfast_adapter.tools.tiny import build_tiny_llava_onevision
 
     installed = f"transformers {transformers.__version__} (slowfast-adapter is tested on {surface.TESTED_TRANSFORMERS})"
     try:
@@ -185,8 +188,8 @@ def build_base(args: argparse.Namespace, attn: str) -> torch.nn.Module:
     """The random base model, initialised directly on the device in the benchmark dtype, eval mode."""
     from transformers import AutoModelForImageTextToText
 
-    from slowfast_adapter import flops
-    from slowfast_adapter.tiny import build_tiny_llava_onevision
+    from slowfast_adapter.tools import flops
+    from slowfast_adapter.tools.tiny import build_tiny_llava_onevision
 
     config = build_tiny_llava_onevision()[0].config if args.tiny else flops.load_config(MODEL_CONFIG)
     config = copy.deepcopy(config)

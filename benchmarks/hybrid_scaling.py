@@ -51,9 +51,9 @@ def build_branch(shape: dict, implementation: str, slow_tokens: int, queries: in
     from transformers import Qwen2Config
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-    from slowfast_adapter.hybrid import HybridLayerHooks, SlowBranch
-    from slowfast_adapter.state import SlowContext, activated
-    from slowfast_adapter.types import SlowTokens
+    from slowfast_adapter.core.hybrid import HybridLayerHooks, SlowBranch
+    from slowfast_adapter.core.state import SlowContext, activated
+    from slowfast_adapter.core.types import SlowTokens
 
     config = Qwen2Config(
         hidden_size=shape["hidden"],
@@ -100,7 +100,7 @@ def build_branch(shape: dict, implementation: str, slow_tokens: int, queries: in
 
 
 def worker(setting: dict) -> dict:
-    from slowfast_adapter import flops
+    from slowfast_adapter.tools import flops
 
     torch.set_num_threads(setting["threads"])
     shape, slow = SHAPES[setting["shape"]], setting["frames"] * setting["tokens_per_frame"]

@@ -58,7 +58,8 @@ def slowfast_config(frames: int):
 
 def worker(setting: dict) -> dict:
     """One `generate` of `setting["variant"]` ("base" or "slowfast") at `setting["frames"]` frames."""
-    from slowfast_adapter import state, wrap
+    from slowfast_adapter import wrap
+    from slowfast_adapter.core import state
 
     torch.set_num_threads(setting["threads"])
     frames, new_tokens = setting["frames"], setting["new_tokens"]

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import lora, save_and_load, state, surface
 from .config import SlowFastConfig
+from .core import lora, state, surface
+from .core.hybrid import HybridLayerHooks, SlowBranch, compute_input
 from .families import ModelFamily
-from .files import LORA_SUBFOLDER
-from .hybrid import HybridLayerHooks, SlowBranch, compute_input
+from .io import save_and_load
+from .io.files import LORA_SUBFOLDER
 
 if TYPE_CHECKING:
     from peft import LoraConfig

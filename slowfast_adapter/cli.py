@@ -147,7 +147,7 @@ def _check_model_source(name: str) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .adapter_io import AdapterError, inspect_summary, read_adapter_config
+    from .io.adapter_io import AdapterError, inspect_summary, read_adapter_config
 
     try:
         if args.json:
@@ -161,7 +161,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _flops(args: argparse.Namespace) -> int:
     _check_flops_arguments(args)
-    from .flops import run_cli
+    from .tools.flops import run_cli
 
     return run_cli(args)
 

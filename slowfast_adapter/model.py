@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import encoded as reuse
-from . import frame_attention, lora, state, surface
 from .adapters import AdapterRegistry, projector_hooks
 from .config import SlowFastConfig
-from .encoded import EncodedVideos
+from .core import encoded as reuse
+from .core import frame_attention, lora, state, surface
+from .core.encoded import EncodedVideos
+from .core.hybrid import HybridLayerHooks, register_step_hook
+from .core.types import PreparedInputs, SlowTokens
 from .families import ModelFamily, family_for
-from .hybrid import HybridLayerHooks, register_step_hook
-from .save_and_load import PretrainedIO
-from .types import PreparedInputs, SlowTokens
+from .io.save_and_load import PretrainedIO
 
 if TYPE_CHECKING:
     from peft import LoraConfig

@@ -10,7 +10,7 @@ from conftest import make_inputs, open_gates
 from transformers import AutoModelForImageTextToText
 
 import slowfast_adapter as sfa
-from slowfast_adapter import state
+from slowfast_adapter.core import state
 
 # 4 decoder layers -> hybrid layers 0 and 2; 8-frame videos -> 2 fast frames (LLaVA: 8 frames pooled by 4;
 # Qwen: 4 temporal groups of 2 frames, pooled by 2).

@@ -10,7 +10,7 @@ from conftest import make_inputs
 from test_generation import perturb_branches
 
 import slowfast_adapter as sfa
-from slowfast_adapter import state, surface
+from slowfast_adapter.core import state, surface
 
 SAMPLES = [("video", "What color is the star?"), ("Tell me", "video", "is it red or blue? Answer in one word please.")]
 OTHER_QUESTIONS = [("video", "Where is the star?"), ("Describe", "video", "in three words.")]

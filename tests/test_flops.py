@@ -10,8 +10,9 @@ from conftest import make_inputs
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import slowfast_adapter as sfa
-from slowfast_adapter import flops, surface
 from slowfast_adapter.cli import main
+from slowfast_adapter.core import surface
+from slowfast_adapter.tools import flops
 
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2)
 FRAMES = 8  # LLaVA: 8 frames -> 2 fast frames; Qwen: 4 temporal groups -> 2 fast groups

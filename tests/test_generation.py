@@ -10,7 +10,7 @@ import transformers
 from conftest import make_inputs, open_gates
 
 import slowfast_adapter as sfa
-from slowfast_adapter import state
+from slowfast_adapter.core import state
 
 # Two videos, prompts of different lengths: every row is padded on one side or the other.
 SAMPLES = [("video", "What color is the star?"), ("Tell me", "video", "is it red or blue? Answer in one word please.")]

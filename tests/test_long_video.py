@@ -12,7 +12,7 @@ from conftest import make_inputs
 from test_generation import perturb_branches
 
 import slowfast_adapter as sfa
-from slowfast_adapter import hybrid, state, surface
+from slowfast_adapter.core import hybrid, state, surface
 
 SAMPLES = [("video", "What color is the star?"), ("Tell me", "video", "is it red or blue?")]
 FRAMES = 8

@@ -14,8 +14,8 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 import slowfast_adapter as sfa
-from slowfast_adapter import state
-from slowfast_adapter.host_syncs import HostSyncCounter
+from slowfast_adapter.core import state
+from slowfast_adapter.core.host_syncs import HostSyncCounter
 
 GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 

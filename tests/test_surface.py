@@ -1,4 +1,4 @@
-"""The fence (`slowfast_adapter/surface.py`): every internal we touch exists on the installed releases, and a
+"""The fence (`slowfast_adapter/core/surface.py`): every internal we touch exists on the installed releases, and a
 missing or renamed one fails loudly, naming itself and the installed versions."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 import slowfast_adapter as sfa
-from slowfast_adapter import state, surface
+from slowfast_adapter.core import state, surface
 
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2)
 TRANSFORMERS = Version(importlib.metadata.version("transformers"))

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import state
 from ..config import SlowFastConfig
-from ..frame_attention import where_it_looked
+from ..core import state
+from ..core.frame_attention import where_it_looked
 from ..inference.video import read_video
 from ..model import wrap
-from ..tiny import build_tiny_llava_onevision
+from ..tools.tiny import build_tiny_llava_onevision
 from ..training.recipe import TrainArgs
 from ..training.trainer import BatchSource, Trainer, make_accelerator, one_group
 from .flops import prefill_flops

@@ -20,7 +20,7 @@ import torch
 from ..config import SlowFastConfig
 from ..inference.video import read_video
 from ..model import SlowFastModel, wrap
-from ..tiny import save_tiny_llava_onevision, write_mp4
+from ..tools.tiny import save_tiny_llava_onevision, write_mp4
 from ..training.recipe import TrainArgs
 from ..training.trainer import Trainer, make_accelerator, one_group
 from .needle_data import COLORS as NEEDLE_COLORS

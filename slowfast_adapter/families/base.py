@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import surface
 from ..config import SlowFastConfig
-from ..encoded import EncodedVideos
-from ..hybrid import apply_rope, default_query_states
-from ..sequence import fit_sequence, placeholder_item_rows
-from ..types import PreparedInputs, SlowPiece, SlowTokens, VideoFeatures, VideoLayout
+from ..core import surface
+from ..core.encoded import EncodedVideos
+from ..core.hybrid import apply_rope, default_query_states
+from ..core.sequence import fit_sequence, placeholder_item_rows
+from ..core.types import PreparedInputs, SlowPiece, SlowTokens, VideoFeatures, VideoLayout
 
 
 class ModelFamily:

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .. import surface
 from ..config import SlowFastConfig
-from ..encoded import EncodedVideos, encoded_items
-from ..pooling import plan_fast_frames, pool_fast_frames
-from ..sequence import mask_positions, placeholder_item_rows, placeholder_keep_mask
-from ..types import PreparedInputs, SlowPiece, VideoFeatures, VideoLayout
+from ..core import surface
+from ..core.encoded import EncodedVideos, encoded_items
+from ..core.pooling import plan_fast_frames, pool_fast_frames
+from ..core.sequence import mask_positions, placeholder_item_rows, placeholder_keep_mask
+from ..core.types import PreparedInputs, SlowPiece, VideoFeatures, VideoLayout
 from .base import ModelFamily, add_images, finish_prepare, pop_input_ids
 
 _FEATURE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import surface
 from ..config import SlowFastConfig
-from ..encoded import EncodedVideos, encoded_items
-from ..pooling import FastPlan, plan_fast_frames, pool_fast_frames
-from ..sequence import placeholder_item_rows, placeholder_keep_mask
-from ..types import PreparedInputs, SlowPiece, VideoFeatures, VideoLayout
+from ..core import surface
+from ..core.encoded import EncodedVideos, encoded_items
+from ..core.pooling import FastPlan, plan_fast_frames, pool_fast_frames
+from ..core.sequence import placeholder_item_rows, placeholder_keep_mask
+from ..core.types import PreparedInputs, SlowPiece, VideoFeatures, VideoLayout
 from .base import ModelFamily, add_images, finish_prepare, pop_input_ids
 
 

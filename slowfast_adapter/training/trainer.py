@@ -50,7 +50,7 @@ except ImportError:  # torch built without distributed support
     DTensor = None
 from transformers import get_scheduler
 
-from ..files import atomic_write_text
+from ..io.files import atomic_write_text
 from .recipe import TrainArgs
 
 TRAINER_STATE = "trainer_state.json"

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
-from . import adapter_io, hub, lora
+from ..core import lora
+from . import adapter_io, hub
 from .files import DEFAULT_ADAPTER, AdapterError
 
 if TYPE_CHECKING:

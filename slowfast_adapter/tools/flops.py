@@ -33,13 +33,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import DynamicCache
 
-from . import surface
-from .config import SlowFastConfig
-from .configs import CONFIGS_DIR, SHIPPED_CONFIGS
-from .families import family_for
-from .pooling import plan_fast_frames
-from .state import activated, prompt_query_mask
-from .types import SlowTokens, VideoLayout
+from ..config import SlowFastConfig
+from ..configs import CONFIGS_DIR, SHIPPED_CONFIGS
+from ..core import surface
+from ..core.pooling import plan_fast_frames
+from ..core.state import activated, prompt_query_mask
+from ..core.types import SlowTokens, VideoLayout
+from ..families import family_for
 
 QWEN3_TIMESTAMP_TOKENS = 6
 """Qwen3-VL writes `<t seconds>` before each temporal group: about 6 tokens (`<`, digits, `.`, digit,
@@ -301,7 +301,7 @@ def flops_report(
     all of which query the slow tokens ("text" query tokens; "all" makes every token a query).
     `base_frames` defaults to the frames whose native tokens match the first slow-fast column's fast tokens.
     """
-    from .model import SlowFastModel
+    from ..model import SlowFastModel
 
     slowfast = slowfast or SlowFastConfig()
     model = SlowFastModel(build_meta_model(config), slowfast)

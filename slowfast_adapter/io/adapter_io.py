@@ -34,9 +34,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..config import SlowFastConfig
+from ..families import family_for
+from ..version import __version__
 from . import model_card
-from .config import SlowFastConfig
-from .families import family_for
 from .files import (
     CONFIG_NAME,
     DEFAULT_ADAPTER,
@@ -56,7 +57,6 @@ from .files import (
     temporary_dir,
     temporary_writer,
 )
-from .version import __version__
 
 if TYPE_CHECKING:
     from peft import LoraConfig
