@@ -82,8 +82,10 @@ def prefill_call(base, prepared, ratio: int):
         with state.activated(context):
             output = base(**prepared.model_inputs, logits_to_keep=1)
         # What is timed must be the slow path: every hybrid layer projected its K/V once and read them.
-        if (context.stats["kv_projections"], context.stats["slow_reads"]) != (layers, layers):
-            raise RuntimeError(f"The timed prefill did not run the slow path in all {layers} layers: {context.stats}")
+        if (context.counters.kv_projections, context.counters.slow_reads) != (layers, layers):
+            raise RuntimeError(
+                f"The timed prefill did not run the slow path in all {layers} layers: {context.counters.totals()}"
+            )
         return output
 
     call.unwrap = model.unwrap

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODELS, build_model, command_line, machine, video_inputs, write_results  # noqa: E402
 
 from slowfast_adapter import SlowFastConfig, wrap  # noqa: E402
-from slowfast_adapter.core import state
+from slowfast_adapter.core import inspection
 from slowfast_adapter.tools import flops
 
 QUESTIONS = [
@@ -98,11 +98,11 @@ def main() -> None:
     inputs = [video_inputs(processor, args.frames, text=q) for q in QUESTIONS[: args.questions]]
 
     def ask(k: int, encoded) -> float:
-        with state.recording() as contexts:
+        with inspection.recording() as contexts:
             begin = time.perf_counter()
             model.generate(**inputs[k], encoded=encoded, max_new_tokens=1, do_sample=False)
             seconds = time.perf_counter() - begin
-        projected = contexts[0].stats["kv_projections"]
+        projected = contexts[0].counters.kv_projections
         if projected != (0 if encoded is not None else layers):
             raise RuntimeError(
                 f"question {k + 1}: {projected} slow K/V projections; the timed path is not the claimed one"

@@ -16,7 +16,7 @@ from torch import nn
 from .adapters import AdapterRegistry, projector_hooks
 from .config import SlowFastConfig
 from .core import encoded as reuse
-from .core import frame_attention, lora, state, surface
+from .core import frame_attention, inspection, lora, state, surface
 from .core.encoded import EncodedVideos
 from .core.hybrid import HybridLayerHooks, register_step_hook
 from .core.types import PreparedInputs, SlowTokens
@@ -40,10 +40,6 @@ class SlowFastModel(AdapterRegistry, PretrainedIO, nn.Module):
     `hybrid.py`), and `unwrap()` removes them. Attributes the wrapper does not define (config, device,
     generation_config, ...) come from the base.
     """
-
-    debug_reproject_slow_kv: bool = False
-    """Debug/benchmark only: re-project slow K/V at every decode step (the reference's behaviour) instead of
-    once per call. Same outputs, more compute; set it on an instance to measure what the cache saves."""
 
     def __init__(
         self,
@@ -172,7 +168,7 @@ class SlowFastModel(AdapterRegistry, PretrainedIO, nn.Module):
         if attention_mask is not None:
             queries = queries & attention_mask.bool()
         context = self.slow_context_for_tokens(
-            prepared.slow, queries, reproject_slow_kv=self.debug_reproject_slow_kv, encoded=encoded, store_kv=store_kv
+            prepared.slow, queries, reproject_slow_kv=inspection.reprojects(self), encoded=encoded, store_kv=store_kv
         )
         if looks:
             frame_attention.attach(self, context, prepared.input_ids, attention_mask)

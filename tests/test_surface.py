@@ -14,7 +14,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 import slowfast_adapter as sfa
-from slowfast_adapter.core import state, surface
+from slowfast_adapter.core import inspection, state, surface
 
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2)
 TRANSFORMERS = Version(importlib.metadata.version("transformers"))
@@ -114,7 +114,7 @@ def test_hooks_receive_exactly_the_known_keyword_arguments_in_prefill_and_decode
         layer.self_attn.register_forward_pre_hook(on_attention, with_kwargs=True),
     ]
     inputs = make_inputs(processor, [("video", "What is it?")])
-    with state.recording() as contexts:
+    with inspection.recording() as contexts:
         model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     for handle in handles:
         handle.remove()
@@ -132,7 +132,7 @@ def test_hooks_receive_exactly_the_known_keyword_arguments_in_prefill_and_decode
             assert set(kwargs) == LANGUAGE_MODEL_KWARGS[family]
     # The step position comes from the cache, found by type: empty, then the prompt, then the prompt + 1 token.
     assert steps == [(prompt_length, 0), (1, prompt_length), (1, prompt_length + 1)]
-    assert contexts[0].stats["steps"] == 3
+    assert contexts[0].counters.steps == 3
 
 
 @torch.no_grad()

@@ -168,7 +168,7 @@ class VideoQA:
                 fast_only=self.decode(fast, length),
                 per_frame=per_frame,
                 timestamps=times,
-                unit=self.model.family.video_unit,
+                unit=self.model.family.unit_name,
                 fast_frames=fast_frames(video.clip, self.model, self.frames_per_unit),
                 reused=reused,
                 stats=dict(video.encoded.stats),

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from . import inspection
+from .inspection import CallCounters
 from .surface import changed
 from .types import SlowKVCache, SlowTokens
 
@@ -51,12 +53,8 @@ class SlowContext:
     step_plan: which of the step's tokens query, worked out by the step's first hybrid layer and reused by the
     others (`hybrid.StepPlan`). Positions come from the step's KV cache, so greedy, sampling, beam search, chunked
     prefill, cropped (assisted) caches and `use_cache=False` all get the right query mask.
-    stats: counters for tests and benchmarks: "steps" (language-model forwards), "slow_reads" (hybrid
-    layer calls in which at least one token read the slow tokens), "kv_projections" (slow K/V projections;
-    not counted for a layer whose K/V all came from `encoded`).
-    reads: one entry per hybrid layer call: (step number from 1, layer index, [B] count per row of the
-    tokens that read the slow tokens). See `recording()`.
-    kernels: the cross-attention kernels that ran ("eager", "sdpa", "flash_attn"; `attention.kernel_for`).
+    counters: what the call did (`inspection.CallCounters`, eager mode only); `inspection.recording()` collects
+    the contexts of a block.
     encoded: videos encoded earlier (`SlowFastModel.encode`) whose slow K/V this call may reuse; with
     `store_kv`, K/V it projects for them are kept there (what `encode` does).
     frame_attention: set only inside `frame_attention.looking(...)`: the hybrid layers also record how much
@@ -72,38 +70,20 @@ class SlowContext:
     step_start: int | torch.Tensor | None = None
     step_length: int | None = None
     step_plan: Any = None
-    stats: dict[str, int] = field(default_factory=lambda: {"steps": 0, "slow_reads": 0, "kv_projections": 0})
-    reads: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
-    kernels: set[str] = field(default_factory=set)
+    counters: CallCounters = field(default_factory=CallCounters)
     encoded: SlowKVCache | None = None
     store_kv: bool = False
     frame_attention: Any = None
 
     def __post_init__(self) -> None:
-        recorder = _RECORDER.get()
-        if recorder is not None:
-            recorder.append(self)
-
-    def record_read(self, layer_idx: int, per_row: torch.Tensor) -> None:
-        """A hybrid layer call in which `per_row` [B] tokens of each row read the slow tokens (eager only: a
-        compiled step keeps no Python-side record, which would change what `torch.compile` guards on per token)."""
-        if torch.compiler.is_compiling():
-            return
-        self.reads.append((self.stats["steps"], layer_idx, per_row))
-        self.stats["slow_reads"] += 1
-
-    def record_kernel(self, kernel: str) -> None:
-        """The cross-attention ran `kernel` ("eager", "sdpa" or "flash_attn"; `attention.kernel_for`): kept in
-        `kernels` (eager only, like `record_read`)."""
-        if not torch.compiler.is_compiling():
-            self.kernels.add(kernel)
+        inspection.record(self)
 
     def begin_step(self, length: int, cached: int | torch.Tensor | None) -> None:
         """A language-model forward over `length` tokens, after `cached` tokens in its KV cache (None: no cache).
 
         `cached` is read as a value: a static cache reports its length as a tensor it advances in place inside its
         first layer, so a reference to it would shift the start seen by every later layer (a copy is kept)."""
-        if cached is None and self.stats["steps"] > 0 and length < self.prompt_query_mask.shape[1]:
+        if cached is None and self.counters.steps > 0 and length < self.prompt_query_mask.shape[1]:
             raise changed(
                 "language_model(cache=...)",
                 f"a decode step of {length} token(s) reached the language model without a transformers.Cache, so "
@@ -114,8 +94,7 @@ class SlowContext:
         self.step_start = cached.clone() if isinstance(cached, torch.Tensor) else int(cached)
         self.step_length = length
         self.step_plan = None
-        if not torch.compiler.is_compiling():  # counters are for eager inspection; a compiled step keeps no count
-            self.stats["steps"] += 1
+        self.counters.step()  # eager only: a compiled step keeps no count
 
     def step_query_mask(self, length: int, batch: int) -> torch.Tensor:
         """[batch, length] bool for the current step; checks the step was announced by `begin_step`."""
@@ -144,7 +123,6 @@ class SlowContext:
 
 
 _ACTIVE: ContextVar[SlowContext | None] = ContextVar("slowfast_active_context", default=None)
-_RECORDER: ContextVar[list[SlowContext] | None] = ContextVar("slowfast_recorder", default=None)
 _MODES: ContextVar[dict[int, str]] = ContextVar("slowfast_modes", default={})  # noqa: B039 (never mutated)
 
 
@@ -175,18 +153,6 @@ def mode(owner: int, name: str) -> Iterator[None]:
 
 def current_mode(owner: int) -> str:
     return _MODES.get().get(owner, "slowfast")
-
-
-@contextmanager
-def recording() -> Iterator[list[SlowContext]]:
-    """Collect every `SlowContext` created in this thread within the block (tests and benchmarks read their
-    `stats` and `reads` to prove the slow path ran)."""
-    contexts: list[SlowContext] = []
-    token = _RECORDER.set(contexts)
-    try:
-        yield contexts
-    finally:
-        _RECORDER.reset(token)
 
 
 def current_context() -> SlowContext | None:

@@ -40,7 +40,7 @@ class SlowItem:
     units: int = 0
 
 
-class SlowPiece(NamedTuple):
+class SlowItemTokens(NamedTuple):
     """One video's (or image's) slow tokens [S_i, D] for sample `row`, before packing (see `SlowItem`)."""
 
     row: int
@@ -88,7 +88,7 @@ class SlowTokens:
         return self.attend_mask if self.padded else None
 
     @classmethod
-    def pack(cls, items: list[SlowPiece], batch_size: int) -> SlowTokens | None:
+    def pack(cls, items: list[SlowItemTokens], batch_size: int) -> SlowTokens | None:
         """Concatenate per-item slow tokens by sample row; None when there are no items."""
         if not items:
             return None

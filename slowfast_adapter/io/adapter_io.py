@@ -78,7 +78,7 @@ def base_identity(model: nn.Module, projector_paths: tuple[str, ...] = ()) -> di
         "architecture": type(model).__name__,
         "name_or_path": model_card.base_name(getattr(config, "_name_or_path", "") or ""),
         "revision": getattr(config, "_commit_hash", None),
-        "fingerprint": family_for(model).fingerprint(model),
+        "fingerprint": family_for(model).base_shapes(model),
     }
     if projector_paths:  # a trained projector replaces the base's: its input and output widths must match
         shapes: dict[str, list[int] | None] = {}

@@ -219,9 +219,9 @@ def count_language_model(
         decode = count_flops(lambda: step(1))[0]
     first = 2 if cached_prefix else 1  # the counted steps
     if context is not None:  # the counts must include the slow path: every hybrid layer read it in both steps
-        reads = sorted((step, layer) for step, layer, _ in context.reads if step >= first)
+        reads = sorted((step, layer) for step, layer, _ in context.counters.reads if step >= first)
         expected = sorted((step, layer) for step in (first, first + 1) for layer in model.hybrid_layer_indices)
-        if reads != expected or context.stats["steps"] != first + 1:
+        if reads != expected or context.counters.steps != first + 1:
             raise RuntimeError(f"The hybrid layers did not read the slow tokens in both counted steps: {reads}.")
     return LanguageCounts(prefill, decode, kv_flops)
 
