@@ -199,8 +199,9 @@ def test_single_process_weights_gradients_and_adamw_state_equal_a_real_training_
     import itertools
 
     from slowfast_adapter.tools.tiny import random_video
+    from slowfast_adapter.training.accelerator import make_accelerator
     from slowfast_adapter.training.recipe import TrainArgs
-    from slowfast_adapter.training.trainer import Trainer, make_accelerator
+    from slowfast_adapter.training.trainer import Trainer
 
     model, processor = _tiny_bf16_llava()
     prompt = processor.apply_chat_template(

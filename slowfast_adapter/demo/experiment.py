@@ -31,8 +31,9 @@ from ..core.frame_attention import where_it_looked
 from ..inference.video import read_video
 from ..model import wrap
 from ..tools.tiny import build_tiny_llava_onevision
+from ..training.accelerator import make_accelerator
 from ..training.recipe import TrainArgs
-from ..training.trainer import BatchSource, Trainer, make_accelerator, one_group
+from ..training.trainer import BatchSource, Trainer, one_group
 from .flops import prefill_flops
 from .needle_data import COLORS, QUESTION, read_split, write_split
 from .quickstart import answer_batch
