@@ -1,15 +1,7 @@
 """Non-causal cross-attention of query tokens over slow tokens (GQA, key padding, no K/V copies).
 
-Two kernels, equal up to rounding:
-- "sdpa": `F.scaled_dot_product_attention`. On the CPU with a boolean key mask it runs torch's fused
-  flash kernel, which is already blocked over the keys (no [L_q, S] score matrix in memory), and it is
-  faster than our explicit chunked loop below (benchmarks/results/hybrid_scaling.md: the queries part
-  at 98k slow tokens takes 1.1 s with sdpa vs 3.2 s eager). So it is not chunked here.
-- "eager": plain matmuls and softmax, chunked over the slow tokens with an online softmax
-  (log-sum-exp merge), so memory is bounded by `chunk_size` keys whatever the number of slow tokens.
-
-The eager kernel can also sum its attention weights by groups of keys (`key_groups`: a video's frames), in the
-same pass and with the same softmax: `slow_attention_mass` ("where it looked", `frame_attention.py`).
+Kernels "sdpa", "eager" (chunked, online softmax; also sums attention mass per frame) and "flash_attn", equal up to
+rounding; `kernel_for` picks one per call site. Why sdpa is not chunked: docs/internals.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,7 @@
-"""Encode once, ask many: a video's features kept between calls.
+"""Encode once, ask many: videos' features, slow K/V and prompt-prefix KV caches kept between calls.
 
-`SlowFastModel.encode(**processor_outputs)` runs the vision tower and projector on each video once and
-returns an `EncodedVideos`; later calls given `encoded=` take each video's features (and each hybrid
-layer's slow K/V) from it instead of encoding the same pixels again. Videos are matched by their pixels,
-bit for bit (a BLAKE2 digest of each video's pixel tensor), so a batch may mix cached and new videos, ask
-one video several questions in one batch, or list the videos in another order: what is not cached is
-encoded as usual. The answer is the same, logit for logit, as without `encoded` (tests/test_encoded.py).
-
-Only the slow-fast path reads the cache: under `disable_adapter()` the base encodes its native tokens itself.
-
-Prompt prefix: when `encode` is given a one-prompt processor output, it also runs the LLM over the prompt up to
-its last visual token (system prompt, user turn start, the fast video tokens) and keeps that KV cache. A later
-one-prompt `generate` whose fitted prompt starts with the same tokens and the same videos (two videos of one
-length give the same tokens, so prefixes are keyed by both), with no visual token after them, starts from a copy
-of it and prefills only the rest (the question). Same tokens; logits equal up to float rounding (the prefix's
-K/V came from a forward over fewer tokens). Used only in the slow-fast mode and while every parameter is as it
-was at `encode`.
+`EncodedVideos` is the cache (videos matched by a digest of their pixels); `encode` and `generate_inputs` are the
+wrapper's `encode` and its prompt-prefix reuse. How matching and the prefix work: docs/internals.md.
 """
 
 from __future__ import annotations
