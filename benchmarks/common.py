@@ -40,7 +40,7 @@ def build_model(size: str, *, hybrid_layer_interval: int = 8, seed: int = 0):
     """(random LLaVA-OneVision model, its stock processor) of the given size, fp32, eval mode."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from slowfast_adapter.tiny import build_tiny_llava_onevision
+    from slowfast_adapter.tools.tiny import build_tiny_llava_onevision
 
     shape = MODELS[size]
     tiny, processor = build_tiny_llava_onevision(num_layers=1, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
@@ -58,7 +58,7 @@ def build_model(size: str, *, hybrid_layer_interval: int = 8, seed: int = 0):
 
 def video_inputs(processor, frames: int, *, text: str = "", seed: int = 0) -> dict[str, torch.Tensor]:
     """Processor output for one random video of `frames` frames and a question of about 100 text tokens."""
-    from slowfast_adapter.tiny import random_video
+    from slowfast_adapter.tools.tiny import random_video
 
     question = text or " ".join(["What is happening in this video? Describe the colours and the shapes."] * 6)
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
@@ -179,7 +179,7 @@ def timed_generate(
 def host_syncs_per_token(model: Any, inputs: dict[str, Any], **kwargs: Any) -> float:
     """Device-to-host syncs per decode step of greedy `generate` ((syncs of 10 tokens - syncs of 2) / 8; the
     prefill's cancel out). Under `torch.compile` the counter's mode recompiles the step: count after timing."""
-    from slowfast_adapter.host_syncs import HostSyncCounter
+    from slowfast_adapter.core.host_syncs import HostSyncCounter
 
     counts = []
     for new_tokens in (2, 10):

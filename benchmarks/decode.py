@@ -5,10 +5,10 @@ forward, so each decode step is timed inside the production loop (`common.timed_
 - base: the base model at `--base-frames` native frames (the LLM sequence of the slow-fast model's fast tokens);
 - slow-fast: `--frames` frames, slow K/V projected once per call and cached (what `generate` runs);
 - slow-fast, re-projected: every decode step projects all slow tokens again (the reference implementation's
-  behaviour, `SlowFastModel.debug_reproject_slow_kv`);
+  behaviour, `inspection.reprojecting_slow_kv`);
 each with the dynamic cache (eager), and base and slow-fast also with the static cache, eager and compiled: the
 step transformers compiles by itself on a GPU (`cache_implementation="static"`; on the CPU only with a
-`CompileConfig` that sets `_compile_all_devices`), fullgraph, inductor. Compiled tokens must equal eager's.
+`CompileConfig` with `surface.compile_on_every_device`), fullgraph, inductor. Compiled tokens must equal eager's.
 The base and the slow-fast model are two copies of the same random weights (wrapping one would change the hooks
 the compiled base step guards on). Variants are interleaved round by round; round 0 is warm-up (and compiles).
 Host syncs per decode step are counted after the timing (`host_syncs.HostSyncCounter`; under compile the
@@ -21,6 +21,7 @@ counter's mode recompiles the step, so it runs last).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -44,7 +45,9 @@ from common import (  # noqa: E402
 from prefill import slowfast_config  # noqa: E402
 from transformers import CompileConfig  # noqa: E402
 
-from slowfast_adapter import flops, wrap  # noqa: E402
+from slowfast_adapter import wrap  # noqa: E402
+from slowfast_adapter.core import inspection, surface  # noqa: E402
+from slowfast_adapter.tools import flops
 
 VARIANTS = {  # name -> (label, model, generate keywords)
     "base": ("base, dynamic cache", "base", {}),
@@ -70,8 +73,7 @@ RATIOS = {  # the ratios the README quotes: slow-fast over the base with the sam
 
 def compile_config(backend: str) -> CompileConfig:
     config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode="default")
-    config._compile_all_devices = True  # transformers compiles by itself on CUDA only
-    return config
+    return surface.compile_on_every_device(config)  # transformers compiles by itself on CUDA only
 
 
 def main() -> None:
@@ -93,9 +95,12 @@ def main() -> None:
     copy, _ = build_model(args.model)  # the same weights (same seed)
     config = slowfast_config(args.frames // args.base_frames, args.base_frames)
     model = wrap(copy, config)
-    reprojecting = wrap(build_model(args.model)[0], config)
-    reprojecting.debug_reproject_slow_kv = True
-    models = {"base": base, "slowfast": model, "reprojected": reprojecting}
+    reprojected = wrap(build_model(args.model)[0], config)
+    models = {"base": base, "slowfast": model, "reprojected": reprojected}
+
+    def reprojecting(which: str):  # the reference's decode: slow K/V projected again at every step
+        return inspection.reprojecting_slow_kv(reprojected) if which == "reprojected" else contextlib.nullcontext()
+
     inputs = {
         "base": video_inputs(processor, args.base_frames),
         "slowfast": video_inputs(processor, args.frames),
@@ -110,7 +115,8 @@ def main() -> None:
                 kwargs = dict(kwargs)
                 if kwargs.pop("compiled", False):
                     kwargs["compile_config"] = compiled
-                out, steps = timed_generate(models[which], inputs[which], args.tokens, **kwargs)
+                with reprojecting(which):
+                    out, steps = timed_generate(models[which], inputs[which], args.tokens, **kwargs)
                 if len(steps) != args.tokens - 1:
                     raise RuntimeError(f"{name}: {len(steps)} timed steps for {args.tokens} tokens.")
                 sequences.setdefault(name, out)
@@ -126,7 +132,8 @@ def main() -> None:
             kwargs = dict(kwargs)
             if kwargs.pop("compiled", False):
                 kwargs["compile_config"] = compile_config("eager")  # the host side only: Dynamo without inductor
-            syncs[name] = host_syncs_per_token(models[which], inputs[which], **kwargs)
+            with reprojecting(which):
+                syncs[name] = host_syncs_per_token(models[which], inputs[which], **kwargs)
 
     meta = wrap(flops.build_meta_model(base.config), config)
     fast = model.prepare_inputs(**inputs["slowfast"])

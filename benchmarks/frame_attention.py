@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import build_model, command_line, machine, summary, video_inputs, write_results  # noqa: E402
 
-from slowfast_adapter import SlowFastConfig, looking, state, wrap  # noqa: E402
+from slowfast_adapter import SlowFastConfig, looking, wrap  # noqa: E402
+from slowfast_adapter.core import inspection
 
 
 def open_gates(model) -> None:
@@ -39,7 +40,7 @@ def open_gates(model) -> None:
 def timed_generate(model, inputs, *, record: bool, new_tokens: int) -> tuple[float, torch.Tensor]:
     """Seconds of one greedy `generate`, and its tokens; raises if the claimed path did not run."""
     layers = model.hybrid_layer_indices
-    with state.recording() as contexts, torch.no_grad():
+    with inspection.recording() as contexts, torch.no_grad():
         if record:
             with looking(model) as recording:
                 begin = time.perf_counter()
@@ -56,7 +57,7 @@ def timed_generate(model, inputs, *, record: bool, new_tokens: int) -> tuple[flo
             out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             seconds = time.perf_counter() - begin
     (context,) = contexts
-    if (context.frame_attention is not None) != record or context.stats["slow_reads"] < len(layers) * new_tokens:
+    if (context.frame_attention is not None) != record or context.counters.slow_reads < len(layers) * new_tokens:
         raise RuntimeError("the timed call did not take the claimed path")
     return seconds, out
 

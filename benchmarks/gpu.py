@@ -7,7 +7,7 @@ where `flash_attn` is importable on CUDA, else "sdpa", and measures:
 1. prefill (one forward, last-token logits): base at 16 frames vs slow-fast at 128, end to end (vision tower
    included) and LLM only (video features computed before the timed call, as in benchmarks/prefill.py);
 2. one decode step: the base at 16 frames, slow-fast at 128 with the slow K/V cached (ours) and re-projected
-   at every step (`SlowFastModel.debug_reproject_slow_kv`, the reference's behaviour); every step runs on the
+   at every step (`inspection.reprojecting_slow_kv`, the reference's behaviour); every step runs on the
    KV cache cropped back to the prompt. Then both through `generate` with the static cache, eager and compiled
    (transformers' own compiled step, fullgraph, `--compile-backend`), each decode step timed inside the loop
    (benchmarks/common.py `timed_generate`); compiled tokens must equal eager's and the timed call must compile
@@ -23,7 +23,7 @@ Inputs are what the stock processor returns, built directly: random normalised p
 input_ids with F x 196 + 1 video placeholders (every frame's grid and one newline token) in ~100 text tokens.
 
 Every measurement checks that the path it times ran and records the evidence under `ran`: slow-fast calls
-count their K/V projections and slow reads per step (`slowfast_adapter.state.recording()`), base calls must
+count their K/V projections and slow reads per step (`slowfast_adapter.core.inspection.recording()`), base calls must
 create no slow context at all. Each measurement has its own try/except: an error is recorded in the JSON and
 the run goes on; the JSON is rewritten after every measurement (a killed run keeps what it measured). Exit
 status 1 if any measurement failed or was skipped by the time guard (`--time-limit`; an OOM is a result, not a
@@ -59,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import timed_generate  # noqa: E402
 
-from slowfast_adapter import SlowFastConfig, __version__, state, surface, wrap  # noqa: E402
+from slowfast_adapter import SlowFastConfig, __version__, wrap  # noqa: E402
+from slowfast_adapter.core import inspection, state, surface
 from slowfast_adapter.families import family_for  # noqa: E402
 
 MODEL_CONFIG = "llava-video-7b-qwen2"
@@ -70,7 +71,9 @@ TINY_OVERRIDES = {"hybrid_layer_interval": 2}  # the tiny decoder has 4 layers: 
 # ------------------------------------------------------------------------------------------- settings
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny random model (slowfast_adapter.tiny), CPU seconds")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny random model (slowfast_adapter.tools.tiny), CPU seconds"
+    )
     parser.add_argument("--device", default=None, help="cuda (default where available) or cpu")
     parser.add_argument(
         "--dtype", choices=["bfloat16", "float16", "float32"], help="bfloat16 (default on CUDA), float32 (on the CPU)"
@@ -162,11 +165,11 @@ def attention_implementation(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def check_fence() -> str | None:
-    """None, or why slowfast-adapter's fence (slowfast_adapter.surface) refuses this transformers: wraps a tiny
+    """None, or why slowfast-adapter's fence (slowfast_adapter.core.surface) refuses this transformers: wraps a tiny
     model (a second, before any minutes are spent building the 7B one)."""
     import transformers
 
-    from slowfast_adapter.tiny import build_tiny_llava_onevision
+    from slowfast_adapter.tools.tiny import build_tiny_llava_onevision
 
     installed = f"transformers {transformers.__version__} (slowfast-adapter is tested on {surface.TESTED_TRANSFORMERS})"
     try:
@@ -185,8 +188,8 @@ def build_base(args: argparse.Namespace, attn: str) -> torch.nn.Module:
     """The random base model, initialised directly on the device in the benchmark dtype, eval mode."""
     from transformers import AutoModelForImageTextToText
 
-    from slowfast_adapter import flops
-    from slowfast_adapter.tiny import build_tiny_llava_onevision
+    from slowfast_adapter.tools import flops
+    from slowfast_adapter.tools.tiny import build_tiny_llava_onevision
 
     config = build_tiny_llava_onevision()[0].config if args.tiny else flops.load_config(MODEL_CONFIG)
     config = copy.deepcopy(config)
@@ -293,11 +296,11 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[dict[str, 
 
 
 def slow_stats(contexts: list[state.SlowContext]) -> dict[str, int]:
-    """The counters of every slow context created in a call (see `state.recording()`)."""
+    """The counters of every slow context created in a call (see `inspection.recording()`)."""
     totals = {"contexts": len(contexts), "steps": 0, "slow_reads": 0, "kv_projections": 0}
     for context in contexts:
         for key in ("steps", "slow_reads", "kv_projections"):
-            totals[key] += context.stats[key]
+            totals[key] += context.counters.totals()[key]
     return totals
 
 
@@ -385,7 +388,7 @@ def measure_prefill(bench: Benchmark, base: torch.nn.Module) -> None:
     config = slowfast_config(args, args.slowfast_frames)
 
     def base_end_to_end(entry: dict) -> tuple[bool, dict]:
-        with torch.no_grad(), state.recording() as contexts:
+        with torch.no_grad(), inspection.recording() as contexts:
             times = timed(lambda: base(**native_inputs, logits_to_keep=1), device, repeats=args.repeats, warmup=1)
         entry.update(frames=args.base_frames, llm_tokens=native_inputs["input_ids"].shape[1], slow_tokens=0)
         entry.update(summary(times))
@@ -393,7 +396,7 @@ def measure_prefill(bench: Benchmark, base: torch.nn.Module) -> None:
 
     def base_llm_only(entry: dict) -> tuple[bool, dict]:
         native = SlowFastConfig(temporal_pooling_stride=1, min_fast_frames=args.base_frames)  # fast = native
-        with torch.no_grad(), state.recording() as contexts:
+        with torch.no_grad(), inspection.recording() as contexts:
             prepared = family_for(base).prepare(base, native, native_inputs)  # vision tower: not timed
             times = timed(lambda: base(**prepared.model_inputs, logits_to_keep=1), device, repeats=args.repeats,
                           warmup=1)  # fmt: skip
@@ -408,7 +411,7 @@ def measure_prefill(bench: Benchmark, base: torch.nn.Module) -> None:
             layers = len(model.hybrid_layer_indices)
 
             def call() -> None:
-                with state.recording() as contexts:
+                with inspection.recording() as contexts:
                     model(**slow_inputs, logits_to_keep=1)
                 calls.append(slow_stats(contexts))
                 tokens.update(
@@ -430,10 +433,10 @@ def measure_prefill(bench: Benchmark, base: torch.nn.Module) -> None:
             prepared = model.prepare_inputs(**slow_inputs)  # vision tower and pooling: not timed
 
             def call() -> None:  # the slow K/V projection + the LLM forward with the hybrid layers active
-                context = model._slow_context(prepared)
+                context = model.slow_context(prepared)
                 with state.activated(context):
                     base(**prepared.model_inputs, logits_to_keep=1)
-                calls.append(dict(context.stats))
+                calls.append(context.counters.totals())
 
             times = timed(call, device, repeats=args.repeats, warmup=1)
         entry.update(frames=args.slowfast_frames, llm_tokens=prepared.input_ids.shape[1],
@@ -454,8 +457,8 @@ def decode_steps(base, cache, context, device, *, steps: int, warmup: int) -> tu
     cache_kwarg = surface.cache_kwarg(base)
     times, deltas = [], []
     for index in range(warmup + steps):
-        before = dict(context.stats) if context is not None else None
-        with state.recording() as created:
+        before = context.counters.totals() if context is not None else None
+        with inspection.recording() as created:
             synchronize(device)
             start = time.perf_counter()
             with state.activated(context):
@@ -465,7 +468,9 @@ def decode_steps(base, cache, context, device, *, steps: int, warmup: int) -> tu
         cache.crop(-1)
         delta = {"slow_contexts_created": len(created)}
         if context is not None:
-            delta.update({k: context.stats[k] - before[k] for k in ("steps", "slow_reads", "kv_projections")})
+            delta.update(
+                {k: context.counters.totals()[k] - before[k] for k in ("steps", "slow_reads", "kv_projections")}
+            )
         deltas.append(delta)
         if index >= warmup:
             times.append(elapsed)
@@ -492,21 +497,21 @@ def measure_decode(bench: Benchmark, base: torch.nn.Module) -> None:
             with wrapped(base, config) as model, torch.no_grad():
                 layers = len(model.hybrid_layer_indices)
                 prepared = model.prepare_inputs(**slow_inputs)
-                context = model._slow_context(prepared)  # slow K/V projected once (cached mode)
+                context = model.slow_context(prepared)  # slow K/V projected once (cached mode)
                 with state.activated(context):  # the prefill that fills the KV cache (not timed)
                     cache = surface.output_cache(base(**prepared.model_inputs, use_cache=True, logits_to_keep=1))
                 if reproject:
-                    model.debug_reproject_slow_kv = True  # on the instance: every step projects the slow K/V again
-                    context = model._slow_context(prepared)
+                    with inspection.reprojecting_slow_kv(model):  # every step projects the slow K/V again
+                        context = model.slow_context(prepared)
                 times, deltas = decode_steps(base, cache, context, device, steps=steps, warmup=warmup)
             entry.update(frames=args.slowfast_frames, llm_tokens=prepared.input_ids.shape[1],
                          slow_tokens=int(prepared.slow.mask.sum()), **summary(times))  # fmt: skip
             per_step = {"slow_contexts_created": 0, "steps": 1, "slow_reads": layers,
                         "kv_projections": layers if reproject else 0}  # fmt: skip
             total = (warmup + steps) * layers if reproject else layers
-            ok = all(d == per_step for d in deltas) and context.stats["kv_projections"] == total
+            ok = all(d == per_step for d in deltas) and context.counters.kv_projections == total
             evidence = {"hybrid_layers": layers, "steps": len(deltas), "per_step": deltas[-1],
-                        "kv_projections_total": context.stats["kv_projections"], "expected_total": total}  # fmt: skip
+                        "kv_projections_total": context.counters.kv_projections, "expected_total": total}  # fmt: skip
             return ok, evidence
 
         return run
@@ -514,8 +519,9 @@ def measure_decode(bench: Benchmark, base: torch.nn.Module) -> None:
     def generated(model: Any, inputs: dict, compiled: bool) -> tuple[torch.Tensor, list[float], dict]:
         """transformers' static-cache decode loop, eager or compiled (what it compiles by itself on CUDA): a warm-up
         call (compiles), then one call whose decode steps are timed; the graphs Dynamo made in the timed call."""
-        from torch._dynamo.utils import counters
         from transformers import CompileConfig
+
+        counters = surface.dynamo_counters()
 
         eos = base.config.get_text_config().eos_token_id
         kwargs: dict[str, Any] = {
@@ -524,8 +530,7 @@ def measure_decode(bench: Benchmark, base: torch.nn.Module) -> None:
         }
         if compiled:
             config = CompileConfig(fullgraph=True, dynamic=False, backend=args.compile_backend, mode="default")
-            config._compile_all_devices = True  # CPU smoke runs; on CUDA transformers compiles anyway
-            kwargs["compile_config"] = config
+            kwargs["compile_config"] = surface.compile_on_every_device(config)  # CPU smoke runs too
         timed_generate(model, inputs, 3, **kwargs)
         counters.clear()
         sequences, times = timed_generate(model, inputs, steps + 1, **kwargs)
@@ -542,7 +547,7 @@ def measure_decode(bench: Benchmark, base: torch.nn.Module) -> None:
         def run(entry: dict) -> tuple[bool, dict]:
             inputs = native_inputs if kind == "base" else slow_inputs
             with wrapped(base, config) if kind == "slowfast" else contextlib.nullcontext(base) as model:
-                with torch.no_grad(), state.recording() as contexts:
+                with torch.no_grad(), inspection.recording() as contexts:
                     eager, eager_times, _ = generated(model, inputs, compiled=False)
                     compiled, times, graphs = generated(model, inputs, compiled=True)
             entry.update(frames=args.base_frames if kind == "base" else args.slowfast_frames,
@@ -585,7 +590,7 @@ def measure_train(bench: Benchmark, base: torch.nn.Module) -> None:
             optimizer = torch.optim.AdamW(params, lr=1e-4)
 
             def step() -> None:
-                with state.recording() as contexts:
+                with inspection.recording() as contexts:
                     loss = model(**inputs, labels=labels).loss
                     loss.backward()
                 record = {**slow_stats(contexts), "missing_grads": sum(p.grad is None for p in params)}
@@ -638,14 +643,16 @@ def measure_memory(bench: Benchmark, base: torch.nn.Module) -> None:
             prompt = inputs["input_ids"].shape[1]
             with wrapped(base, slowfast_config(args, frames)) as model:
                 layers = len(model.hybrid_layer_indices)
-                with state.recording() as contexts:
+                with inspection.recording() as contexts:
                     memory, output = peak_memory(lambda: model.generate(**inputs, **generation), device)
                 entry.update(frames=frames, **memory)
                 if contexts:
                     entry.update(llm_tokens=contexts[0].prompt_query_mask.shape[1],
                                  slow_tokens=int(contexts[0].slow.mask.sum()))  # fmt: skip
                 stats = slow_stats(contexts)
-                read_steps = sorted({step for context in contexts for step, _, rows in context.reads if rows.min() > 0})
+                read_steps = sorted(
+                    {step for context in contexts for step, _, rows in context.counters.reads if rows.min() > 0}
+                )
             expected = {"contexts": 1, "steps": n, "slow_reads": n * layers, "kv_projections": layers}
             ok = stats == expected and read_steps == list(range(1, n + 1)) and output.shape[1] == prompt + n
             return ok, {"hybrid_layers": layers, **stats, "steps_with_slow_reads": read_steps, "new_tokens": n}
@@ -657,7 +664,7 @@ def measure_memory(bench: Benchmark, base: torch.nn.Module) -> None:
             inputs = video_inputs(base, frames, args.text_tokens)
             prompt = inputs["input_ids"].shape[1]
             entry.update(frames=frames, llm_tokens=prompt, slow_tokens=0)
-            with state.recording() as contexts:
+            with inspection.recording() as contexts:
                 memory, output = peak_memory(lambda: base.generate(**inputs, **generation), device)
             entry.update(memory)
             return not contexts and output.shape[1] == prompt + n, {"slow_contexts": len(contexts), "new_tokens": n}

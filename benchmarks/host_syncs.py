@@ -1,7 +1,7 @@
 """Host syncs of prefill and of each decode step, base vs slow-fast, every family (tiny random models).
 
 A host sync (`Tensor.item`, `tolist`, `bool(tensor)`, `nonzero`, boolean-mask indexing, ...) drains a GPU's launch
-queue; `slowfast_adapter.host_syncs.HostSyncCounter` counts them (on the CPU the same calls are made). Inputs: the
+queue; `slowfast_adapter.core.host_syncs.HostSyncCounter` counts them (on the CPU the same calls are made). Inputs: the
 stock processor's output for a left-padded batch of two prompts with one 8-frame video each; the wrapped model has
 2 hybrid layers. Prefill: greedy `generate` of 1 token (prefill, video encoding and fitting included, plus that
 token's stopping check). Decode: (syncs of 10 tokens - syncs of 2) / 8, dynamic and static cache.
@@ -24,8 +24,8 @@ from common import command_line, host_syncs_per_token, machine, write_results  #
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from slowfast_adapter import SlowFastConfig, wrap  # noqa: E402
-from slowfast_adapter.host_syncs import HostSyncCounter  # noqa: E402
-from slowfast_adapter.tiny import TINY_BUILDERS, random_video, save_tiny  # noqa: E402
+from slowfast_adapter.core.host_syncs import HostSyncCounter  # noqa: E402
+from slowfast_adapter.tools.tiny import TINY_BUILDERS, random_video, save_tiny  # noqa: E402
 
 PROMPTS = ["What color is the star?", "Tell me: is it red or blue? Answer in one word please."]
 

@@ -51,8 +51,10 @@ def build_branch(shape: dict, implementation: str, slow_tokens: int, queries: in
     from transformers import Qwen2Config
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-    from slowfast_adapter.hybrid import HybridLayerHooks, SlowBranch
-    from slowfast_adapter.state import SlowContext, SlowTokens, activated
+    from slowfast_adapter.core import surface
+    from slowfast_adapter.core.hybrid import HybridLayerHooks, SlowBranch
+    from slowfast_adapter.core.state import SlowContext, activated
+    from slowfast_adapter.core.types import SlowTokens
 
     config = Qwen2Config(
         hidden_size=shape["hidden"],
@@ -62,7 +64,7 @@ def build_branch(shape: dict, implementation: str, slow_tokens: int, queries: in
         intermediate_size=8,  # the MLP is not part of the branch
         num_hidden_layers=1,
     )
-    config._attn_implementation = implementation
+    surface.set_attention_implementation(config, implementation)
     torch.manual_seed(0)
     with torch.device(device):
         layer = Qwen2DecoderLayer(config, layer_idx=0).eval()
@@ -88,18 +90,18 @@ def build_branch(shape: dict, implementation: str, slow_tokens: int, queries: in
             start = time.perf_counter()
             hooks.slow_kv(context)  # K/V projection of all slow tokens
             middle = time.perf_counter()
-            hooks._before_attention(layer.self_attn, (), attention_kwargs)  # q_proj + RoPE + cross-attention
-            updated = hooks._before_o_proj(layer.self_attn.o_proj, (attn_out,))  # gate + add
+            hooks.before_attention(layer.self_attn, (), attention_kwargs)  # q_proj + RoPE + cross-attention
+            updated = hooks.before_o_proj(layer.self_attn.o_proj, (attn_out,))  # gate + add
             end = time.perf_counter()
-        if updated is None or context.stats["slow_reads"] != 1 or context.stats["kv_projections"] != 1:
-            raise RuntimeError(f"The timed call did not run the hybrid branch: {context.stats}")
+        if updated is None or context.counters.slow_reads != 1 or context.counters.kv_projections != 1:
+            raise RuntimeError(f"The timed call did not run the hybrid branch: {context.counters.totals()}")
         return middle - start, end - middle
 
     return call
 
 
 def worker(setting: dict) -> dict:
-    from slowfast_adapter import flops
+    from slowfast_adapter.tools import flops
 
     torch.set_num_threads(setting["threads"])
     shape, slow = SHAPES[setting["shape"]], setting["frames"] * setting["tokens_per_frame"]

@@ -58,7 +58,8 @@ def slowfast_config(frames: int):
 
 def worker(setting: dict) -> dict:
     """One `generate` of `setting["variant"]` ("base" or "slowfast") at `setting["frames"]` frames."""
-    from slowfast_adapter import state, wrap
+    from slowfast_adapter import wrap
+    from slowfast_adapter.core import inspection
 
     torch.set_num_threads(setting["threads"])
     frames, new_tokens = setting["frames"], setting["new_tokens"]
@@ -66,7 +67,7 @@ def worker(setting: dict) -> dict:
     inputs = video_inputs(processor, frames)
     model = wrap(base, slowfast_config(frames)) if setting["variant"] == "slowfast" else base
     generate = lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)  # noqa: E731
-    with torch.no_grad(), state.recording() as contexts:
+    with torch.no_grad(), inspection.recording() as contexts:
         start = time.perf_counter()
         peak, _ = peak_memory_mib(generate)
         seconds = time.perf_counter() - start
@@ -75,9 +76,9 @@ def worker(setting: dict) -> dict:
     if setting["variant"] == "slowfast":
         (context,) = contexts
         layers = model.hybrid_layer_indices
-        decode_reads = [per_row.tolist() for step, _, per_row in context.reads if step > 1]
-        if context.stats["kv_projections"] != len(layers) or decode_reads != [[1]] * (len(layers) * (new_tokens - 1)):
-            raise RuntimeError(f"the measured generate did not run the slow path: {context.stats}")
+        decode_reads = [per_row.tolist() for step, _, per_row in context.counters.reads if step > 1]
+        if context.counters.kv_projections != len(layers) or decode_reads != [[1]] * (len(layers) * (new_tokens - 1)):
+            raise RuntimeError(f"the measured generate did not run the slow path: {context.counters.totals()}")
         slow, hidden = context.slow.tokens.shape[1], context.slow.tokens.shape[2]
         kv_width = model.slow_branches[str(layers[0])].kv_proj.out_features
         result.update(

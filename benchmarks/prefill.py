@@ -68,7 +68,8 @@ def prepare(setting: dict):
 def prefill_call(base, prepared, ratio: int):
     """The timed call: base forward over the native tokens (ratio 1, no hooks attached at all), or the slow
     K/V projection + the forward with the hybrid layers active (slow-fast)."""
-    from slowfast_adapter import SlowFastConfig, state, wrap
+    from slowfast_adapter import SlowFastConfig, wrap
+    from slowfast_adapter.core import state
 
     if ratio == 1:
         return lambda: base(**prepared.model_inputs, logits_to_keep=1)
@@ -77,12 +78,14 @@ def prefill_call(base, prepared, ratio: int):
     layers = len(model.hybrid_layer_indices)
 
     def call():
-        context = model._slow_context(prepared)
+        context = model.slow_context(prepared)
         with state.activated(context):
             output = base(**prepared.model_inputs, logits_to_keep=1)
         # What is timed must be the slow path: every hybrid layer projected its K/V once and read them.
-        if (context.stats["kv_projections"], context.stats["slow_reads"]) != (layers, layers):
-            raise RuntimeError(f"The timed prefill did not run the slow path in all {layers} layers: {context.stats}")
+        if (context.counters.kv_projections, context.counters.slow_reads) != (layers, layers):
+            raise RuntimeError(
+                f"The timed prefill did not run the slow path in all {layers} layers: {context.counters.totals()}"
+            )
         return output
 
     call.unwrap = model.unwrap
@@ -92,7 +95,8 @@ def prefill_call(base, prepared, ratio: int):
 def worker(setting: dict) -> dict:
     """measure == "time": all ratios in one process, interleaved round by round (load drift hits all alike);
     measure == "memory": the peak memory of one call of `setting["ratios"][0]` after a warm-up."""
-    from slowfast_adapter import flops, wrap
+    from slowfast_adapter import wrap
+    from slowfast_adapter.tools import flops
 
     base, prepared = prepare(setting)
     with torch.no_grad():

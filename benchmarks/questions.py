@@ -10,7 +10,7 @@ outside the timed region: the reuse calls must have taken every video from the c
 K/V; the calls without reuse must have projected them (a call that took another path raises).
 
 FLOPs: for the shipped 7B configs, question 1 vs question k of the same video from the exact meta-device
-counts (`slowfast_adapter.flops`): with reuse, question k skips the vision tower and the slow K/V projection and
+counts (`slowfast_adapter.tools.flops`): with reuse, question k skips the vision tower and the slow K/V projection and
 prefills only its own text after the cached prefix (shown also with the features reused but not the prefix).
 
     python benchmarks/questions.py            # 64 frames, 8 questions
@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MODELS, build_model, command_line, machine, video_inputs, write_results  # noqa: E402
 
-from slowfast_adapter import SlowFastConfig, flops, state, wrap  # noqa: E402
+from slowfast_adapter import SlowFastConfig, wrap  # noqa: E402
+from slowfast_adapter.core import inspection
+from slowfast_adapter.tools import flops
 
 QUESTIONS = [
     "What is happening in this video?",
@@ -51,7 +53,7 @@ def flop_rows(frames: int, text_tokens: int = 100) -> list[dict]:
     """Question 1 vs question k (k > 1) of one video, in FLOPs, for each shipped 7B config: with reuse, question k
     skips the vision tower and the slow K/V projection and, from the prompt-prefix cache, prefills only its text."""
     from slowfast_adapter import SlowFastConfig, SlowFastModel
-    from slowfast_adapter.state import prompt_query_mask
+    from slowfast_adapter.core.state import prompt_query_mask
 
     rows = []
     for name in SHIPPED:
@@ -96,11 +98,11 @@ def main() -> None:
     inputs = [video_inputs(processor, args.frames, text=q) for q in QUESTIONS[: args.questions]]
 
     def ask(k: int, encoded) -> float:
-        with state.recording() as contexts:
+        with inspection.recording() as contexts:
             begin = time.perf_counter()
             model.generate(**inputs[k], encoded=encoded, max_new_tokens=1, do_sample=False)
             seconds = time.perf_counter() - begin
-        projected = contexts[0].stats["kv_projections"]
+        projected = contexts[0].counters.kv_projections
         if projected != (0 if encoded is not None else layers):
             raise RuntimeError(
                 f"question {k + 1}: {projected} slow K/V projections; the timed path is not the claimed one"

@@ -11,19 +11,19 @@ from .version import __version__
 
 if TYPE_CHECKING:
     from .config import SlowFastConfig
-    from .encoded import EncodedVideos
-    from .files import AdapterError
-    from .frame_attention import FrameAttention, looking, where_it_looked
+    from .core.encoded import EncodedVideos
+    from .core.frame_attention import FrameAttention, looking, where_it_looked
+    from .io.files import AdapterError
     from .model import SlowFastModel, wrap
 
 _EXPORTS = {
-    "AdapterError": ".files",
-    "EncodedVideos": ".encoded",
-    "FrameAttention": ".frame_attention",
+    "AdapterError": ".io.files",
+    "EncodedVideos": ".core.encoded",
+    "FrameAttention": ".core.frame_attention",
     "SlowFastConfig": ".config",
     "SlowFastModel": ".model",
-    "looking": ".frame_attention",
-    "where_it_looked": ".frame_attention",
+    "looking": ".core.frame_attention",
+    "where_it_looked": ".core.frame_attention",
     "wrap": ".model",
 }
 __all__ = [

@@ -147,8 +147,8 @@ def _check_model_source(name: str) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .adapter_io import AdapterError, inspect_summary, read_adapter_config
-    from .files import CONFIG_NAME
+    from .io.adapter_io import AdapterError, inspect_summary, read_adapter_config
+    from .io.files import CONFIG_NAME
 
     directory = Path(args.directory)
     if not (directory / CONFIG_NAME).exists() and (directory / "adapter" / CONFIG_NAME).is_file():
@@ -168,7 +168,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _flops(args: argparse.Namespace) -> int:
     _check_flops_arguments(args)
-    from .flops import run_cli
+    from .tools.flops import run_cli
 
     return run_cli(args)
 

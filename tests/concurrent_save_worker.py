@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
 
 import slowfast_adapter as sfa  # noqa: E402
-from slowfast_adapter.adapter_io import read_adapter  # noqa: E402
+from slowfast_adapter.io.adapter_io import read_adapter  # noqa: E402
 
 CONFIGS = [
     sfa.SlowFastConfig(min_fast_frames=2, hybrid_layers=[0], lora_r=2),

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
-from slowfast_adapter.tiny import TINY_BUILDERS, random_video, save_tiny  # noqa: E402
+from slowfast_adapter.tools.tiny import TINY_BUILDERS, random_video, save_tiny  # noqa: E402
 
 torch.set_num_threads(2)
 FAMILIES = list(TINY_BUILDERS)

@@ -11,8 +11,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from slowfast_adapter.training.recipe import Recipe
+from slowfast_adapter.training.sharded_weights import trainable_state
 from slowfast_adapter.training.train import train
-from slowfast_adapter.training.trainer import trainable_state
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 import slowfast_adapter as sfa
-from slowfast_adapter.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from slowfast_adapter.cli import main
-from slowfast_adapter.files import LORA_SUBFOLDER
+from slowfast_adapter.io.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from slowfast_adapter.io.files import LORA_SUBFOLDER
 
 FAMILY = "llava_onevision"
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layers=[0], lora_r=2)

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 import slowfast_adapter as sfa
-from slowfast_adapter.adapter_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME
-from slowfast_adapter.tiny import TINY_BUILDERS
+from slowfast_adapter.io.adapter_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME
+from slowfast_adapter.tools.tiny import TINY_BUILDERS
 
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layers=[1, 3], gate="dynamic_tanh", query_tokens="all")
 

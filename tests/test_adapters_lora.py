@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 import slowfast_adapter as sfa
-from slowfast_adapter.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from slowfast_adapter.config import LORA_DEFAULT_TARGETS
 from slowfast_adapter.families import family_for
+from slowfast_adapter.io.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 
 BASE = dict(min_fast_frames=2, hybrid_layers=[1, 3])
 VARIANTS = {

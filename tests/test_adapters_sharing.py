@@ -20,11 +20,11 @@ from test_adapters_lora import BASE, SAMPLES, fresh, hooks, lora_paths, perturb
 from transformers import AutoProcessor
 
 import slowfast_adapter as sfa
-from slowfast_adapter.adapter_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME
 from slowfast_adapter.cli import main as cli
 from slowfast_adapter.families import family_by_name
-from slowfast_adapter.hub import ADAPTER_FILES
-from slowfast_adapter.model_card import MARKER
+from slowfast_adapter.io.adapter_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME
+from slowfast_adapter.io.hub import ADAPTER_FILES
+from slowfast_adapter.io.model_card import MARKER
 
 CONFIG_A = sfa.SlowFastConfig(**BASE, lora_r=4, train_projector=True)
 CONFIG_B = sfa.SlowFastConfig(min_fast_frames=4, hybrid_layers=[0], gate="static_tanh")  # other layers and pooling
@@ -254,7 +254,7 @@ import sys, torch
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 import slowfast_adapter as sfa
-from slowfast_adapter.tiny import random_video
+from slowfast_adapter.tools.tiny import random_video
 
 torch.set_num_threads(2)  # as in the test process (conftest), so the float reductions are the same
 tiny_dir, adapter_dir, out = sys.argv[1:4]

@@ -19,7 +19,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E40
 import slowfast_adapter as sfa  # noqa: E402
 from slowfast_adapter.demo.needle_data import QUESTION, write_split  # noqa: E402
 from slowfast_adapter.inference.video import read_clip  # noqa: E402
-from slowfast_adapter.tiny import save_tiny_llava_onevision  # noqa: E402
+from slowfast_adapter.tools.tiny import save_tiny_llava_onevision  # noqa: E402
 
 APP_DIR = Path(__file__).resolve().parents[1] / "integrations" / "gradio_app"
 FRAMES = 8  # min_fast_frames 2 x sampling stride 2 x pooling stride 2: the adapter's own frame count

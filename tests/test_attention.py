@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from slowfast_adapter import attention
-from slowfast_adapter.attention import PackedKeys, chunked_eager_attention, kernel_for, slow_cross_attention
-from slowfast_adapter.state import SlowTokens
+from slowfast_adapter.core import attention
+from slowfast_adapter.core.attention import chunked_eager_attention, kernel_for, slow_cross_attention
+from slowfast_adapter.core.types import PackedKeys, SlowTokens
 
 
 def _reference(query, key, value, mask, scaling):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from slowfast_adapter.cli import main
-from slowfast_adapter.files import WEIGHTS_NAME
+from slowfast_adapter.io.files import WEIGHTS_NAME
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from conftest import make_inputs, open_gates
 from transformers import AutoModelForImageTextToText
 
 import slowfast_adapter as sfa
-from slowfast_adapter import state
+from slowfast_adapter.core import state
 
 # 4 decoder layers -> hybrid layers 0 and 2; 8-frame videos -> 2 fast frames (LLaVA: 8 frames pooled by 4;
 # Qwen: 4 temporal groups of 2 frames, pooled by 2).
@@ -240,7 +240,7 @@ def test_another_models_active_call_is_ignored(tiny_dir, base, processor):
     inputs = make_inputs(processor, SAMPLES[:1])
     prepared_b = model_b.prepare_inputs(**inputs)
     plain = model_b.base_model(**prepared_b.model_inputs).logits
-    context_a = model_a._slow_context(model_a.prepare_inputs(**inputs))
+    context_a = model_a.slow_context(model_a.prepare_inputs(**inputs))
     with state.activated(context_a):
         assert torch.equal(model_b.base_model(**prepared_b.model_inputs).logits, plain)
         assert not torch.equal(model_a.base_model(**model_a.prepare_inputs(**inputs).model_inputs).logits, plain)

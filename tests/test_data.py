@@ -13,7 +13,7 @@ from PIL import Image
 from slowfast_adapter import wrap
 from slowfast_adapter.config import SlowFastConfig
 from slowfast_adapter.inference.video import VideoReadError, read_clip, sample_indices, uniform_indices
-from slowfast_adapter.tiny import TINY_BUILDERS, random_video, write_mp4
+from slowfast_adapter.tools.tiny import TINY_BUILDERS, random_video, write_mp4
 from slowfast_adapter.training.data import (
     IGNORE_INDEX,
     ConversationCollator,

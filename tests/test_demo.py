@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from slowfast_adapter.core.pooling import plan_fast_frames, pool_fast_frames
 from slowfast_adapter.demo.experiment import DemoConfig, run
 from slowfast_adapter.demo.needle_data import COLORS, read_split, render, sample_specs, write_split
 from slowfast_adapter.inference.video import read_video
-from slowfast_adapter.pooling import plan_fast_frames, pool_fast_frames
 
 
 def test_splits_are_reproducible_balanced_and_disjoint():

@@ -10,7 +10,7 @@ from conftest import make_inputs
 from test_generation import perturb_branches
 
 import slowfast_adapter as sfa
-from slowfast_adapter import state, surface
+from slowfast_adapter.core import inspection, surface
 
 SAMPLES = [("video", "What color is the star?"), ("Tell me", "video", "is it red or blue? Answer in one word please.")]
 OTHER_QUESTIONS = [("video", "Where is the star?"), ("Describe", "video", "in three words.")]
@@ -132,12 +132,12 @@ def test_one_prompt_generate_continues_the_prompt_prefix_cache(model, processor)
     model.encode(into=encoded, **make_inputs(processor, SAMPLES[:1], video_seeds=[9]))
     assert len(encoded.prefixes) == 2
     inputs = make_inputs(processor, OTHER_QUESTIONS[:1])
-    with state.recording() as contexts:
+    with inspection.recording() as contexts:
         sequences, logits = _generate(model, inputs, encoded=encoded)
     assert encoded.stats["prefix_hits"] == 1
     prefix = next(iter(encoded.prefixes))[0]  # the first video's prefix tokens (both videos' are the same)
     prompt_length = contexts[0].prompt_query_mask.shape[1]
-    prefill_reads = [int(per_row) for step, _, per_row in contexts[0].reads if step == 1]
+    prefill_reads = [int(per_row) for step, _, per_row in contexts[0].counters.reads if step == 1]
     assert prefill_reads == [prompt_length - len(prefix)] * len(model.hybrid_layer_indices)  # only the question ran
     expected_sequences, expected_logits = _generate(model, inputs)
     assert torch.equal(sequences, expected_sequences)

@@ -8,7 +8,7 @@ from conftest import conversation, make_inputs
 from transformers.video_utils import VideoMetadata
 
 import slowfast_adapter as sfa
-from slowfast_adapter.tiny import random_video
+from slowfast_adapter.tools.tiny import random_video
 
 
 def _real_tokens(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

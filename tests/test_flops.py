@@ -10,8 +10,9 @@ from conftest import make_inputs
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import slowfast_adapter as sfa
-from slowfast_adapter import flops, surface
 from slowfast_adapter.cli import main
+from slowfast_adapter.core import inspection, surface
+from slowfast_adapter.tools import flops
 
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2)
 FRAMES = 8  # LLaVA: 8 frames -> 2 fast frames; Qwen: 4 temporal groups -> 2 fast groups
@@ -55,8 +56,8 @@ def test_meta_report_equals_the_real_model_counted_on_real_tensors(tiny_dirs, fa
     generate = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False)
     with torch.no_grad():
         two_tokens = _real_flops(lambda: model.generate(**inputs, **generate))
-        model.debug_reproject_slow_kv = True
-        two_tokens_reprojecting = _real_flops(lambda: model.generate(**inputs, **generate))
+        with inspection.reprojecting_slow_kv(model):
+            two_tokens_reprojecting = _real_flops(lambda: model.generate(**inputs, **generate))
     assert two_tokens == column.vision + column.llm_with_hybrid + column.decode_step
     assert two_tokens_reprojecting == column.vision + column.llm_with_hybrid + column.decode_step_reprojecting
     assert column.hybrid_kv_projection > 0 and column.hybrid_queries > 0

@@ -12,9 +12,9 @@ from conftest import make_inputs
 from test_generation import perturb_branches
 
 import slowfast_adapter as sfa
-from slowfast_adapter import state
-from slowfast_adapter.attention import chunked_eager_attention, slow_attention_mass
-from slowfast_adapter.frame_attention import frame_index
+from slowfast_adapter.core import inspection
+from slowfast_adapter.core.attention import chunked_eager_attention, slow_attention_mass
+from slowfast_adapter.core.frame_attention import frame_index
 
 SAMPLES = [("video", "What color is the star?"), ("Tell me", "video", "is it red or blue? Answer in one word please.")]
 STEPS = 3
@@ -113,10 +113,10 @@ def test_recording_does_not_change_the_answer_and_costs_nothing_when_off(model, 
         recorded = _generate(model, inputs)
     assert record.result().sequences is recorded
     calls = []
-    monkeypatch.setattr("slowfast_adapter.frame_attention.slow_attention_mass", lambda *a, **k: calls.append(1))
-    with state.recording() as contexts:
+    monkeypatch.setattr("slowfast_adapter.core.frame_attention.slow_attention_mass", lambda *a, **k: calls.append(1))
+    with inspection.recording() as contexts:
         plain = _generate(model, inputs)
-    assert calls == [] and contexts[0].frame_attention is None and contexts[0].stats["slow_reads"] > 0
+    assert calls == [] and contexts[0].frame_attention is None and contexts[0].counters.slow_reads > 0
     assert torch.equal(recorded.sequences, plain.sequences)
     assert all(torch.equal(a, b) for a, b in zip(recorded.logits, plain.logits, strict=True))
     with model.slow_path_disabled():

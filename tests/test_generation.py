@@ -10,7 +10,7 @@ import transformers
 from conftest import make_inputs, open_gates
 
 import slowfast_adapter as sfa
-from slowfast_adapter import state
+from slowfast_adapter.core import inspection, state
 
 # Two videos, prompts of different lengths: every row is padded on one side or the other.
 SAMPLES = [("video", "What color is the star?"), ("Tell me", "video", "is it red or blue? Answer in one word please.")]
@@ -51,9 +51,9 @@ def _full_forward_logits(model, inputs, sequences: torch.Tensor) -> list[torch.T
 
 def _assert_every_step_read_the_slow_tokens(context: state.SlowContext, model, rows: int, steps: int) -> None:
     layers = model.hybrid_layer_indices
-    assert context.stats["steps"] == steps
-    assert context.stats["kv_projections"] == len(layers)  # once per call, not per step
-    decode_reads = [(step, layer, per_row) for step, layer, per_row in context.reads if step > 1]
+    assert context.counters.steps == steps
+    assert context.counters.kv_projections == len(layers)  # once per call, not per step
+    decode_reads = [(step, layer, per_row) for step, layer, per_row in context.counters.reads if step > 1]
     assert sorted((s, ly) for s, ly, _ in decode_reads) == [(s, ly) for s in range(2, steps + 1) for ly in layers]
     for step, layer, per_row in decode_reads:  # the one new token of every row read the slow tokens
         assert per_row.tolist() == [1] * rows, (step, layer, per_row)
@@ -66,7 +66,7 @@ def test_greedy_generate_equals_repeated_full_forwards(base, processor, query_to
     model = sfa.wrap(base, _config(query_tokens))
     perturb_branches(model)
     inputs = make_inputs(processor, SAMPLES, padding_side=padding_side)
-    with state.recording() as contexts:
+    with inspection.recording() as contexts:
         out = model.generate(
             **inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True,
             return_dict_in_generate=True,
@@ -96,7 +96,7 @@ def test_sampled_generate_scores_equal_repeated_full_forwards(base, processor, p
     perturb_branches(model, seed=3)
     inputs = make_inputs(processor, SAMPLES, padding_side=padding_side)
     torch.manual_seed(0)
-    with state.recording() as contexts:
+    with inspection.recording() as contexts:
         out = model.generate(
             **inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=True, top_k=0, temperature=1.0,
             output_logits=True, return_dict_in_generate=True,
@@ -114,10 +114,10 @@ def test_beam_search_batched_equals_one_by_one_and_every_beam_reads(base, proces
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False, output_scores=True,
                   return_dict_in_generate=True)  # fmt: skip
     batch = make_inputs(processor, SAMPLES, padding_side="left")
-    with state.recording() as contexts:
+    with inspection.recording() as contexts:
         batched = model.generate(**batch, **kwargs)
     context = contexts[0]
-    for step, _, per_row in context.reads:
+    for step, _, per_row in context.counters.reads:
         if step > 1:  # every beam's new token read the slow tokens
             assert per_row.tolist() == [1] * (len(SAMPLES) * 3)
     for i, sample in enumerate(SAMPLES):
@@ -139,13 +139,13 @@ def test_generate_without_cache_equals_generate_with_cache(base, processor):
     kwargs = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True,
                   return_dict_in_generate=True)  # fmt: skip
     cached = model.generate(**inputs, **kwargs)
-    with state.recording() as contexts:
+    with inspection.recording() as contexts:
         uncached = model.generate(**inputs, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.logits, uncached.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # Without a cache every step runs the whole sequence: the prompt's query mask applies to its tokens again.
-    assert contexts[0].stats["steps"] == STEPS
+    assert contexts[0].counters.steps == STEPS
 
 
 @torch.no_grad()
@@ -166,10 +166,10 @@ def test_chunked_prefill_equals_one_prefill(base, processor):
     if not base_ok:
         pytest.skip(f"transformers {transformers.__version__}: the base model's own chunked prefill with video fails")
     whole = model.generate(**inputs, **kwargs)
-    with state.recording() as contexts:
+    with inspection.recording() as contexts:
         chunked = model.generate(**inputs, prefill_chunk_size=16, **kwargs)
     prompt_length = model.prepare_inputs(**inputs).input_ids.shape[1]
-    assert contexts[0].stats["steps"] == -(-prompt_length // 16) + 3  # the chunks, then 3 decode steps
+    assert contexts[0].counters.steps == -(-prompt_length // 16) + 3  # the chunks, then 3 decode steps
     assert torch.equal(chunked.sequences, whole.sequences)
     for a, b in zip(chunked.logits, whole.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

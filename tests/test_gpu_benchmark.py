@@ -92,7 +92,7 @@ def test_tiny_run_on_the_cpu_writes_every_number_and_proves_every_path(gpu, tmp_
 
 
 def test_inputs_are_what_the_stock_processor_returns(gpu):
-    from slowfast_adapter.tiny import build_tiny_llava_onevision, random_video
+    from slowfast_adapter.tools.tiny import build_tiny_llava_onevision, random_video
 
     model, processor = build_tiny_llava_onevision()
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What is it?"}]}]

@@ -10,8 +10,8 @@ import pytest
 
 OPTIONAL = ("accelerate", "av", "decord", "matplotlib")
 CORE_MODULES = (
-    "slowfast_adapter", "slowfast_adapter.model", "slowfast_adapter.adapter_io", "slowfast_adapter.hub",
-    "slowfast_adapter.flops", "slowfast_adapter.families", "slowfast_adapter.surface",
+    "slowfast_adapter", "slowfast_adapter.model", "slowfast_adapter.io.adapter_io", "slowfast_adapter.io.hub",
+    "slowfast_adapter.tools.flops", "slowfast_adapter.families", "slowfast_adapter.core.surface",
 )  # fmt: skip
 
 

@@ -43,7 +43,7 @@ from slowfast_adapter import SlowFastConfig, SlowFastModel, wrap  # noqa: E402
 from slowfast_adapter.demo.experiment import DemoConfig, NeedleTask, run  # noqa: E402
 from slowfast_adapter.demo.needle_data import COLORS  # noqa: E402
 from slowfast_adapter.inference.video import read_clip  # noqa: E402
-from slowfast_adapter.tiny import random_video, write_mp4  # noqa: E402
+from slowfast_adapter.tools.tiny import random_video, write_mp4  # noqa: E402
 
 NUM_TEST = 24  # one batch, in lmms-eval as in the demo's own evaluation (batches of 50)
 CONFIG = dict(

@@ -12,7 +12,7 @@ from conftest import make_inputs
 from test_generation import perturb_branches
 
 import slowfast_adapter as sfa
-from slowfast_adapter import hybrid, state, surface
+from slowfast_adapter.core import hybrid, inspection, surface
 
 SAMPLES = [("video", "What color is the star?"), ("Tell me", "video", "is it red or blue?")]
 FRAMES = 8
@@ -61,7 +61,7 @@ def test_slow_kv_projected_in_chunks_equals_one_call(base, processor, monkeypatc
         b.kv_proj.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
         for b in model.slow_branches.values()
     ]
-    with torch.no_grad(), state.recording() as contexts:
+    with torch.no_grad(), inspection.recording() as contexts:
         whole = model(**inputs).logits
     slow_tokens = int(contexts[0].slow.mask.sum())
     assert calls == [slow_tokens] * len(model.hybrid_layer_indices)

@@ -1,4 +1,4 @@
-"""The per-GPU memory estimate (slowfast_adapter/memory.py): exact counts, the formulas' structure, and its
+"""The per-GPU memory estimate (slowfast_adapter/tools/memory.py): exact counts, the formulas' structure, and its
 parameter / gradient / optimizer / activation terms against what torch really holds for a tiny model on the CPU."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import yaml
 
 from slowfast_adapter.config import SlowFastConfig
 from slowfast_adapter.configs import CONFIGS_DIR
-from slowfast_adapter.memory import (
+from slowfast_adapter.model import SlowFastModel
+from slowfast_adapter.tools.memory import (
     BF16,
     FP32,
     STRATEGIES,
@@ -25,7 +26,6 @@ from slowfast_adapter.memory import (
     memory_report,
     strategy_terms,
 )
-from slowfast_adapter.model import SlowFastModel
 from slowfast_adapter.training.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ def test_report_says_computed_and_every_strategy_fits_the_recipes_gpus(seven_b):
 
 # ----------------------------------------------------------------------------- real tensors on the CPU
 def _tiny_bf16_llava():
-    from slowfast_adapter.tiny import build_tiny_llava_onevision
+    from slowfast_adapter.tools.tiny import build_tiny_llava_onevision
 
     base, processor = build_tiny_llava_onevision(hidden_size=128, intermediate_size=256)
     base = base.to(torch.bfloat16).train()
@@ -193,9 +193,10 @@ def test_single_process_weights_gradients_and_adamw_state_equal_a_real_training_
     step per tensor (8T + 4n)."""
     import itertools
 
-    from slowfast_adapter.tiny import random_video
+    from slowfast_adapter.tools.tiny import random_video
+    from slowfast_adapter.training.accelerator import make_accelerator
     from slowfast_adapter.training.recipe import TrainArgs
-    from slowfast_adapter.training.trainer import Trainer, make_accelerator
+    from slowfast_adapter.training.trainer import Trainer
 
     model, processor = _tiny_bf16_llava()
     prompt = processor.apply_chat_template(
@@ -311,7 +312,7 @@ def test_activation_formulas_match_what_autograd_saves_in_the_real_modules():
 
 
 def test_qwen2_vl_merger_formula_matches_what_autograd_saves():
-    from slowfast_adapter.tiny import build_tiny_qwen2_vl
+    from slowfast_adapter.tools.tiny import build_tiny_qwen2_vl
 
     base, _ = build_tiny_qwen2_vl()
     model = SlowFastModel(base.to(torch.bfloat16), SlowFastConfig(train_projector=True, min_fast_frames=2))

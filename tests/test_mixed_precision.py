@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 
 from slowfast_adapter import SlowFastModel
 from slowfast_adapter.config import SlowFastConfig
-from slowfast_adapter.tiny import build_tiny_llava_onevision, random_video
+from slowfast_adapter.tools.tiny import build_tiny_llava_onevision, random_video
+from slowfast_adapter.training.accelerator import make_accelerator
 from slowfast_adapter.training.recipe import TrainArgs
-from slowfast_adapter.training.trainer import TRAINABLE, Trainer, list_checkpoints, make_accelerator
+from slowfast_adapter.training.trainer import TRAINABLE, Trainer, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test makes a bf16 Accelerator
 

@@ -9,9 +9,9 @@ import pytest
 from transformers import AutoModelForImageTextToText
 
 import slowfast_adapter as sfa
-from slowfast_adapter.adapter_io import CONFIG_NAME, README_NAME
 from slowfast_adapter.cli import main
-from slowfast_adapter.model_card import base_name
+from slowfast_adapter.io.adapter_io import CONFIG_NAME, README_NAME
+from slowfast_adapter.io.model_card import base_name
 
 
 @pytest.mark.parametrize("family", ["llava_onevision"], indirect=True)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from slowfast_adapter import SlowFastConfig
-from slowfast_adapter.pooling import plan_fast_frames, pool_fast_frames
+from slowfast_adapter.core.pooling import plan_fast_frames, pool_fast_frames
 
 
 @pytest.mark.parametrize(

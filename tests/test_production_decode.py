@@ -14,8 +14,8 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 import slowfast_adapter as sfa
-from slowfast_adapter import state
-from slowfast_adapter.host_syncs import HostSyncCounter
+from slowfast_adapter.core import inspection
+from slowfast_adapter.core.host_syncs import HostSyncCounter
 
 GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 
@@ -114,8 +114,8 @@ def test_the_call_says_which_cross_attention_kernel_ran(base, processor):
     for implementation, kernel in (("sdpa", "sdpa"), ("eager", "eager")):
         for layer in model.family.decoder_layers(base):  # what `set_attn_implementation` changes, without its checks
             layer.self_attn.config._attn_implementation = implementation
-        with state.recording() as contexts:
+        with inspection.recording() as contexts:
             model(**inputs)
-        assert contexts[0].kernels == {kernel}, implementation
+        assert contexts[0].counters.kernels == {kernel}, implementation
     for layer in model.family.decoder_layers(base):
         layer.self_attn.config._attn_implementation = "sdpa"

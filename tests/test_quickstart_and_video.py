@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from slowfast_adapter.inference.video import VideoReadError, read_video, uniform_indices
-from slowfast_adapter.tiny import write_mp4
+from slowfast_adapter.tools.tiny import write_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from conftest import make_inputs, open_gates
 from transformers import AutoModelForImageTextToText
 
 import slowfast_adapter as sfa
-from slowfast_adapter.adapter_io import CONFIG_NAME, WEIGHTS_NAME
-from slowfast_adapter.files import LORA_SUBFOLDER
+from slowfast_adapter.io.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from slowfast_adapter.io.files import LORA_SUBFOLDER
 
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2, lora_r=2)
 

@@ -8,6 +8,7 @@ from conftest import make_inputs, open_gates
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import slowfast_adapter as sfa
+from slowfast_adapter.core import inspection
 
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2)
 
@@ -33,14 +34,13 @@ def test_reprojecting_every_step_runs_kv_proj_per_step_and_changes_nothing(tiny_
         return out, calls
 
     cached, cached_calls = run()
-    model.debug_reproject_slow_kv = True
-    reprojected, reprojected_calls = run()
+    with inspection.reprojecting_slow_kv(model):
+        reprojected, reprojected_calls = run()
     assert len(cached_calls) == layers  # once per prompt per hybrid layer
     assert len(reprojected_calls) == new_tokens * layers  # the prefill and each of the 4 decode steps
     assert torch.equal(reprojected.sequences, cached.sequences)
     for a, b in zip(reprojected.scores, cached.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    model.debug_reproject_slow_kv = False
     with model.slow_path_disabled():
         fast_only, _ = run()
     # The equality above means something: every decode step's scores depend on the slow tokens.

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from slowfast_adapter.sequence import compact_tokens, padding_side, placeholder_item_rows, placeholder_keep_mask
+from slowfast_adapter.core.sequence import compact_tokens, padding_side, placeholder_item_rows, placeholder_keep_mask
 
 V, P = 9, 0  # placeholder token id, pad id
 

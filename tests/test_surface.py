@@ -1,4 +1,4 @@
-"""The fence (`slowfast_adapter/surface.py`): every internal we touch exists on the installed releases, and a
+"""The fence (`slowfast_adapter/core/surface.py`): every internal we touch exists on the installed releases, and a
 missing or renamed one fails loudly, naming itself and the installed versions."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 import slowfast_adapter as sfa
-from slowfast_adapter import state, surface
+from slowfast_adapter.core import inspection, state, surface
 
 CONFIG = sfa.SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2)
 TRANSFORMERS = Version(importlib.metadata.version("transformers"))
@@ -114,7 +114,7 @@ def test_hooks_receive_exactly_the_known_keyword_arguments_in_prefill_and_decode
         layer.self_attn.register_forward_pre_hook(on_attention, with_kwargs=True),
     ]
     inputs = make_inputs(processor, [("video", "What is it?")])
-    with state.recording() as contexts:
+    with inspection.recording() as contexts:
         model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     for handle in handles:
         handle.remove()
@@ -132,19 +132,19 @@ def test_hooks_receive_exactly_the_known_keyword_arguments_in_prefill_and_decode
             assert set(kwargs) == LANGUAGE_MODEL_KWARGS[family]
     # The step position comes from the cache, found by type: empty, then the prompt, then the prompt + 1 token.
     assert steps == [(prompt_length, 0), (1, prompt_length), (1, prompt_length + 1)]
-    assert contexts[0].stats["steps"] == 3
+    assert contexts[0].counters.steps == 3
 
 
 @torch.no_grad()
 def test_a_decode_step_without_a_cache_or_without_the_step_hook_raises(base, processor):
     model = sfa.wrap(base, CONFIG)
-    context = model._slow_context(model.prepare_inputs(**make_inputs(processor, [("video", "What is it?")])))
+    context = model.slow_context(model.prepare_inputs(**make_inputs(processor, [("video", "What is it?")])))
     hidden = base.config.get_text_config().hidden_size
     with state.activated(context):
         base.model.language_model(inputs_embeds=torch.zeros(1, context.prompt_query_mask.shape[1], hidden))
         with pytest.raises(surface.SurfaceError, match="without a transformers.Cache.*transformers"):
             base.model.language_model(inputs_embeds=torch.zeros(1, 1, hidden))
-    context = model._slow_context(model.prepare_inputs(**make_inputs(processor, [("video", "What is it?")])))
+    context = model.slow_context(model.prepare_inputs(**make_inputs(processor, [("video", "What is it?")])))
     layer = base.model.language_model.layers[model.hybrid_layer_indices[0]]
     rotary = base.model.language_model.rotary_emb
     embeds = torch.zeros(1, 3, hidden)

@@ -399,8 +399,9 @@ class _Toy(torch.nn.Module):
     ],
 )
 def test_trainer_stops_on_the_validation_rule_and_keeps_the_best_weights(scores, stop_at, patience, evaluations, best):
+    from slowfast_adapter.training.accelerator import make_accelerator
     from slowfast_adapter.training.recipe import TrainArgs
-    from slowfast_adapter.training.trainer import Trainer, make_accelerator, one_group
+    from slowfast_adapter.training.trainer import Trainer, one_group
 
     model = _Toy()
     args = TrainArgs(max_steps=20, warmup_steps=0, lr_scheduler="constant", mixed_precision="no")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from slowfast_adapter.inference.video import VideoReadError, read_clip, read_video, select_frames
-from slowfast_adapter.tiny import write_mp4
+from slowfast_adapter.tools.tiny import write_mp4
 
 BACKENDS = ["decord", "pyav"]
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import slowfast_adapter as sfa
+from slowfast_adapter.core.pooling import plan_fast_frames
 from slowfast_adapter.inference.video import VideoClip, read_clip
-from slowfast_adapter.pooling import plan_fast_frames
 
 DEMO_QUESTION = "What color is the square?"  # the needle videos' question (slowfast_adapter/demo/needle_data.py)
 
@@ -61,7 +61,7 @@ def where_it_looked(
 ) -> tuple[torch.Tensor, list[float], list[float]]:
     """The library's per-frame "where it looked" for one prompt: (generated sequences, per-frame values, seconds).
 
-    The one place the app touches `sfa.where_it_looked` (slowfast_adapter/frame_attention.py).
+    The one place the app touches `sfa.where_it_looked` (slowfast_adapter/core/frame_attention.py).
     """
     looked = sfa.where_it_looked(model, inputs, encoded=encoded, max_new_tokens=max_new_tokens, timestamps=[timestamps])
     frames = int(looked.num_frames[0])
@@ -175,7 +175,7 @@ class VideoQA:
                 fast_only=self.decode(fast, length),
                 per_frame=per_frame,
                 timestamps=times,
-                unit=self.model.family.video_unit,
+                unit=self.model.family.unit_name,
                 fast_frames=fast_frames(video.clip, self.model, self.frames_per_unit),
                 reused=reused,
                 stats=dict(video.encoded.stats),

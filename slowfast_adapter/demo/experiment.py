@@ -25,14 +25,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import state
 from ..config import SlowFastConfig
-from ..frame_attention import where_it_looked
+from ..core import inspection, state
+from ..core.frame_attention import where_it_looked
 from ..inference.video import read_video
 from ..model import wrap
-from ..tiny import build_tiny_llava_onevision
+from ..tools.tiny import build_tiny_llava_onevision
+from ..training.accelerator import make_accelerator
 from ..training.recipe import TrainArgs
-from ..training.trainer import BatchSource, Trainer, make_accelerator, one_group
+from ..training.trainer import BatchSource, Trainer, one_group
 from .flops import prefill_flops
 from .needle_data import COLORS, QUESTION, read_split, write_split
 from .quickstart import answer_batch
@@ -152,7 +153,7 @@ def accuracy(model, task: NeedleTask, *, batch_size: int = 50, slow_path: bool =
     for start in range(0, count, batch_size):
         indices = list(range(start, min(count, start + batch_size)))
         inputs = task.prompt_batch(indices)
-        with state.recording() as contexts:
+        with inspection.recording() as contexts:
             output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         check_slow_path(contexts, rows=len(indices), expected=slow_path)
         texts = task.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -185,7 +186,7 @@ def check_slow_path(contexts: list[state.SlowContext], *, rows: int, expected: b
         return
     if len(contexts) != 1:
         raise RuntimeError(f"Expected one slow-fast call, saw {len(contexts)}.")
-    decode = [per_row for step, _, per_row in contexts[0].reads if step > 1]
+    decode = [per_row for step, _, per_row in contexts[0].counters.reads if step > 1]
     if not decode or any(per_row.tolist() != [1] * rows for per_row in decode):
         raise RuntimeError("A generated token did not read the slow tokens: the measured setting is not slow-fast.")
 

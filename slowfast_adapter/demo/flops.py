@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..flops import CPU_SDPA_FLOPS  # CPU SDPA has no formula in torch: without it attention counts 0
+from ..tools.flops import CPU_SDPA_FLOPS  # CPU SDPA has no formula in torch: without it attention counts 0
 
 VISION_MODULES = ("vision_tower", "multi_modal_projector", "visual")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tiny import write_mp4
+from ..tools.tiny import write_mp4
 
 COLORS = {"red": (235, 30, 30), "green": (30, 210, 50), "blue": (30, 70, 240), "yellow": (240, 225, 30)}
 QUESTION = "What color is the square?"

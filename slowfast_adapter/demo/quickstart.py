@@ -20,9 +20,10 @@ import torch
 from ..config import SlowFastConfig
 from ..inference.video import read_video
 from ..model import SlowFastModel, wrap
-from ..tiny import save_tiny_llava_onevision, write_mp4
+from ..tools.tiny import save_tiny_llava_onevision, write_mp4
+from ..training.accelerator import make_accelerator
 from ..training.recipe import TrainArgs
-from ..training.trainer import Trainer, make_accelerator, one_group
+from ..training.trainer import Trainer, one_group
 from .needle_data import COLORS as NEEDLE_COLORS
 from .needle_data import QUESTION
 

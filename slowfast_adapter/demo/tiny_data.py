@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from ..tiny import save_tiny, write_mp4
+from ..tools.tiny import save_tiny, write_mp4
 from .needle_data import COLORS
 from .quickstart import square_video
 

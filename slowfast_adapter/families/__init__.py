@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ModelFamily, PreparedInputs
+from .base import ModelFamily
 from .llava_onevision import LlavaOnevisionFamily
 from .qwen2_5_vl import Qwen2_5_VLFamily
 from .qwen2_vl import Qwen2VLFamily
@@ -32,4 +32,4 @@ def family_by_name(name: str) -> ModelFamily:
     raise ValueError(f"Unknown model family {name!r}; known: {[f.name for f in FAMILIES]}.")
 
 
-__all__ = ["FAMILIES", "ModelFamily", "PreparedInputs", "family_by_name", "family_for"]
+__all__ = ["FAMILIES", "ModelFamily", "family_by_name", "family_for"]

@@ -2,52 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import surface
 from ..config import SlowFastConfig
-from ..encoded import EncodedVideos, VideoFeatures
-from ..hybrid import apply_rope, default_query_states
-from ..sequence import fit_sequence, placeholder_item_rows
-from ..state import SlowPiece, SlowTokens
-
-
-@dataclass
-class PreparedInputs:
-    """Base-model inputs with fast tokens in the sequence, and the slow tokens beside it.
-
-    model_inputs: keyword arguments for the base model's `forward` / `generate` (the sequence is fitted
-    to the fast token count; labels and attention mask stay aligned).
-    input_ids: [B, L'] the fitted sequence; visual_mask: [B, L'] True on visual placeholder tokens.
-    slow: the slow tokens of every sample, or None when the batch has none.
-    """
-
-    model_inputs: dict[str, Any]
-    input_ids: torch.Tensor
-    visual_mask: torch.Tensor
-    slow: SlowTokens | None
-
-
-@dataclass(frozen=True)
-class VideoLayout:
-    """How one square video enters a family's model (FLOP counting; no pixels needed).
-
-    units: frames (LLaVA) or temporal groups of frames (Qwen) the vision tower encodes; grid: native video
-    tokens per unit (h, w) after the base's own pooling / merging; newline_tokens: tokens a video adds once
-    (LLaVA's newline); text_tokens_per_unit: text the processor writes per unit (Qwen3-VL timestamps and
-    vision start/end); image_size: the frame size in px the layout assumes (None: fixed by the model).
-    """
-
-    units: int
-    unit_name: str
-    grid: tuple[int, int]
-    newline_tokens: int
-    text_tokens_per_unit: int
-    image_size: int | None
+from ..core import surface
+from ..core.encoded import EncodedVideos
+from ..core.hybrid import apply_rope, default_query_states
+from ..core.sequence import fit_sequence, placeholder_item_rows
+from ..core.types import PreparedInputs, SlowItemTokens, SlowTokens, VideoFeatures, VideoLayout
 
 
 class ModelFamily:
@@ -112,17 +77,17 @@ class ModelFamily:
         if inputs.get("pixel_values_videos") is None:
             return None
         videos, keys = self.video_items(model, inputs, encoded, chunk_frames=config.vision_chunk_frames, store=True)
-        units = self.video_units(inputs)
+        units = self.unit_counts(inputs)
         items = [
-            SlowPiece(row, self.slow_video_tokens(video), key, count)
+            SlowItemTokens(row, self.slow_video_tokens(video), key, count)
             for row, (video, key, count) in enumerate(zip(videos, keys, units, strict=True))
         ]
         return SlowTokens.pack(items, batch_size=len(items))
 
-    video_unit = "frame"
+    unit_name = "frame"
     """What one slice of a video's slow tokens covers: a frame (LLaVA) or a temporal group of frames (Qwen)."""
 
-    def video_units(self, inputs: dict[str, Any]) -> list[int]:
+    def unit_counts(self, inputs: dict[str, Any]) -> list[int]:
         """The frames (or temporal groups) of each video of `inputs` (the processor's output)."""
         raise NotImplementedError
 
@@ -143,8 +108,9 @@ class ModelFamily:
         """Run the video feature path (vision tower + projector/merger) on meta pixels of `layout`."""
         raise NotImplementedError
 
-    def fingerprint(self, model: nn.Module) -> dict[str, Any]:
-        """The base-model shapes an adapter depends on; adapters only load onto a base with equal values."""
+    def base_shapes(self, model: nn.Module) -> dict[str, Any]:
+        """The base-model shapes an adapter depends on (`fingerprint` in adapter_config.json); adapters only load
+        onto a base with equal values."""
         text = self.text_config(model)
         num_heads = text.num_attention_heads
         return {
@@ -177,7 +143,7 @@ def add_images(
     image_token_id: int,
     config: SlowFastConfig,
     mm_outputs: dict[str, Any],
-    slow_items: list[SlowPiece],
+    slow_items: list[SlowItemTokens],
 ) -> None:
     """Images keep their native tokens in the sequence (`mm_outputs["image"]`) and, with
     `config.image_slow_tokens`, also offer them as slow tokens of their sample.
@@ -189,7 +155,7 @@ def add_images(
     rows = placeholder_item_rows(input_ids, image_token_id, lengths, what="image")
     mm_outputs["image"] = image_output
     if config.image_slow_tokens:
-        slow_items += [SlowPiece(int(row), image) for row, image in zip(rows, images, strict=True)]
+        slow_items += [SlowItemTokens(int(row), image) for row, image in zip(rows, images, strict=True)]
 
 
 def finish_prepare(
@@ -198,7 +164,7 @@ def finish_prepare(
     input_ids: torch.Tensor,
     keep: torch.Tensor,
     mm_outputs: dict[str, Any],
-    slow_items: list[SlowPiece],
+    slow_items: list[SlowItemTokens],
     *,
     visual_token_ids: tuple[int, ...],
     extra_token_tensors: dict[str, int] | None = None,

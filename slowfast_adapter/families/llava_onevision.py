@@ -14,13 +14,13 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .. import surface
 from ..config import SlowFastConfig
-from ..encoded import EncodedVideos, VideoFeatures, encoded_items
-from ..pooling import plan_fast_frames, pool_fast_frames
-from ..sequence import mask_positions, placeholder_item_rows, placeholder_keep_mask
-from ..state import SlowPiece
-from .base import ModelFamily, PreparedInputs, VideoLayout, add_images, finish_prepare, pop_input_ids
+from ..core import surface
+from ..core.encoded import EncodedVideos, encoded_items
+from ..core.pooling import plan_fast_frames, pool_fast_frames
+from ..core.sequence import mask_positions, placeholder_item_rows, placeholder_keep_mask
+from ..core.types import PreparedInputs, SlowItemTokens, VideoFeatures, VideoLayout
+from .base import ModelFamily, add_images, finish_prepare, pop_input_ids
 
 _FEATURE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
 
@@ -87,7 +87,7 @@ class LlavaOnevisionFamily(ModelFamily):
     def slow_video_tokens(self, video: VideoFeatures) -> torch.Tensor:
         return video.native[:-1]  # without the newline token
 
-    def video_units(self, inputs: dict[str, Any]) -> list[int]:
+    def unit_counts(self, inputs: dict[str, Any]) -> list[int]:
         videos = inputs["pixel_values_videos"]  # [V, T, C, H, W]
         return [videos.shape[1]] * videos.shape[0]
 
@@ -106,7 +106,7 @@ class LlavaOnevisionFamily(ModelFamily):
         feature_kwargs = {k: inputs[k] for k in _FEATURE_KWARGS if inputs.get(k) is not None}
         video_id, image_id = model.config.video_token_id, model.config.image_token_id
         mm_outputs: dict[str, BaseModelOutputWithPooling] = dict(inputs.pop(surface.ENCODER_OUTPUTS_KWARG, None) or {})
-        slow_items: list[SlowPiece] = []
+        slow_items: list[SlowItemTokens] = []
         keep = torch.ones_like(input_ids, dtype=torch.bool)
 
         pixel_values_videos = inputs.pop("pixel_values_videos", None)
@@ -126,9 +126,9 @@ class LlavaOnevisionFamily(ModelFamily):
             rows = placeholder_item_rows(input_ids, video_id, native, what="video")
             keep &= placeholder_keep_mask(input_ids, video_id, native, torch.full_like(native, fast.shape[1]))
             mm_outputs["video"] = BaseModelOutputWithPooling(pooler_output=fast)
-            units = self.video_units(video_inputs)
+            units = self.unit_counts(video_inputs)
             slow_items += [
-                SlowPiece(int(row), self.slow_video_tokens(v), key, count)
+                SlowItemTokens(int(row), self.slow_video_tokens(v), key, count)
                 for row, v, key, count in zip(rows, videos, keys, units, strict=True)
             ]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..pooling import FastPlan
+from ..core.pooling import FastPlan
 from .qwen2_vl import Qwen2VLFamily
 
 

@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import surface
 from ..config import SlowFastConfig
-from ..encoded import EncodedVideos, VideoFeatures, encoded_items
-from ..pooling import FastPlan, plan_fast_frames, pool_fast_frames
-from ..sequence import placeholder_item_rows, placeholder_keep_mask
-from ..state import SlowPiece
-from .base import ModelFamily, PreparedInputs, VideoLayout, add_images, finish_prepare, pop_input_ids
+from ..core import surface
+from ..core.encoded import EncodedVideos, encoded_items
+from ..core.pooling import FastPlan, plan_fast_frames, pool_fast_frames
+from ..core.sequence import placeholder_item_rows, placeholder_keep_mask
+from ..core.types import PreparedInputs, SlowItemTokens, VideoFeatures, VideoLayout
+from .base import ModelFamily, add_images, finish_prepare, pop_input_ids
 
 
 class Qwen2VLFamily(ModelFamily):
@@ -75,7 +75,7 @@ class Qwen2VLFamily(ModelFamily):
         merge = model.config.vision_config.spatial_merge_size
         video_id, image_id = model.config.video_token_id, model.config.image_token_id
         mm_outputs = dict(inputs.pop(surface.ENCODER_OUTPUTS_KWARG, None) or {})
-        slow_items: list[SlowPiece] = []
+        slow_items: list[SlowItemTokens] = []
         keep = torch.ones_like(input_ids, dtype=torch.bool)
 
         pixel_values_videos = inputs.pop("pixel_values_videos", None)
@@ -93,9 +93,9 @@ class Qwen2VLFamily(ModelFamily):
                 fast_grids.append([plan.num_fast_frames, fast_h * merge, fast_w * merge])
             native = torch.tensor([video.shape[0] for video in output.pooler_output])
             rows = placeholder_item_rows(input_ids, video_id, native, what="video")
-            units = self.video_units(video_inputs)
+            units = self.unit_counts(video_inputs)
             slow_items += [
-                SlowPiece(int(row), self.slow_video_tokens(v), key, count)
+                SlowItemTokens(int(row), self.slow_video_tokens(v), key, count)
                 for row, v, key, count in zip(rows, videos, keys, units, strict=True)
             ]
             output.pooler_output = pool_videos(output.pooler_output, grids, plans, merge)
@@ -174,9 +174,9 @@ class Qwen2VLFamily(ModelFamily):
     def slow_video_tokens(self, video: VideoFeatures) -> torch.Tensor:
         return video.native
 
-    video_unit = "temporal group"
+    unit_name = "temporal group"
 
-    def video_units(self, inputs: dict[str, Any]) -> list[int]:
+    def unit_counts(self, inputs: dict[str, Any]) -> list[int]:
         return inputs["video_grid_thw"][:, 0].tolist()
 
     def extra_video_features(self, output: Any) -> list[tuple[torch.Tensor, ...]]:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import surface
-from ..encoded import VideoFeatures
-from ..pooling import FastPlan
+from ..core import surface
+from ..core.pooling import FastPlan
+from ..core.types import VideoFeatures
 from .qwen2_vl import Qwen2VLFamily, pool_videos
 
 

@@ -31,9 +31,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..model import SlowFastModel, wrap
+from .accelerator import make_accelerator
 from .data import ConversationCollator, ConversationDataset, TrainingDataError, load_records, missing_media
 from .recipe import Recipe
-from .trainer import TRAINER_STATE, Trainer, list_checkpoints, make_accelerator
+from .trainer import TRAINER_STATE, Trainer, list_checkpoints
 
 logger = logging.getLogger(__name__)
 

@@ -26,14 +26,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin, PartialState
+from accelerate import Accelerator
 from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
-from accelerate.utils import DistributedType, GradientAccumulationPlugin
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -45,13 +45,14 @@ try:
         get_optimizer_state_dict,
         set_optimizer_state_dict,
     )
-    from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # torch built without distributed support
-    DTensor = None
+    pass
 from transformers import get_scheduler
 
-from ..files import atomic_write_text
+from ..io.files import atomic_write_text
+from .accelerator import make_accelerator
 from .recipe import TrainArgs
+from .sharded_weights import gathered_trainable, load_trainable_state, trainable_state
 
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE = "trainable.safetensors"
@@ -111,97 +112,6 @@ def one_group(model: nn.Module, lr: float, name: str = "all") -> list[dict]:
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "weight_decay": 0.0, "name": name}]
 
 
-# ------------------------------------------------------------------------------------ weights on disk
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP2 shard (a DTensor; gathering is collective: every rank must call), else itself."""
-    return tensor.full_tensor() if DTensor is not None and isinstance(tensor, DTensor) else tensor
-
-
-def _zero3_partitioned(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable parameters DeepSpeed ZeRO-3 partitioned (they carry a `ds_id`); [] for any other engine."""
-    return [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
-
-
-@contextlib.contextmanager
-def _zero3_gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
-    """DeepSpeed's `GatheredParameters` (collective) when there are ZeRO-3 partitions, else nothing."""
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-        yield
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A snapshot of every trainable parameter of `model`, by name: contiguous CPU copies (never views).
-
-    Under FSDP2 and ZeRO-3 the parameters are gathered whole (a collective: call it on every rank)."""
-    with _zero3_gathered(_zero3_partitioned(model)):
-        return {
-            n: _full(p.detach()).to("cpu", copy=True).contiguous()
-            for n, p in model.named_parameters()
-            if p.requires_grad
-        }
-
-
-def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy `tensors` (from `trainable_state`) into `model`'s trainable parameters; the names must match.
-
-    Under FSDP2 each rank keeps its own shard of the whole tensors (every rank must hold all of `tensors`); under
-    ZeRO-3 rank 0's copy is partitioned to all (collective)."""
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    if set(tensors) != expected:
-        raise ValueError(
-            f"Checkpoint parameters do not match this run: missing {sorted(expected - set(tensors))}, "
-            f"unexpected {sorted(set(tensors) - expected)}. Resume with the recipe that wrote the checkpoint."
-        )
-    with torch.no_grad(), _zero3_gathered(_zero3_partitioned(model), modifier_rank=0):
-        for name, tensor in tensors.items():
-            param = params[name]
-            if DTensor is not None and isinstance(param, DTensor):  # this rank's shard, no communication
-                tensor = distribute_tensor(
-                    tensor.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
-                )
-            param.copy_(tensor)
-
-
-@contextlib.contextmanager
-def gathered_trainable(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
-    """Inside: `model`'s trainable parameters that FSDP2 holds sharded are whole tensors (`tensors`, by default
-    `trainable_state(model)`), so `save_pretrained` and `state_dict` write full adapter files; the frozen base
-    stays sharded. Gathering is collective: enter it on every rank. Without FSDP2 or ZeRO-3 it does nothing.
-
-    ZeRO-3: DeepSpeed's `GatheredParameters`. FSDP2: its `unshard()` is not enough, module state dicts still
-    return the DTensor shards; so the registered parameters are swapped for the gathered tensors for the duration
-    and put back after."""
-    partitioned = _zero3_partitioned(model)
-    if partitioned:
-        with _zero3_gathered(partitioned):
-            yield
-        return
-    sharded = [
-        (name, module, attr, param)
-        for module_name, module in model.named_modules()
-        for attr, param in module._parameters.items()
-        if param is not None and param.requires_grad and DTensor is not None and isinstance(param, DTensor)
-        for name in [f"{module_name}.{attr}" if module_name else attr]
-    ]
-    if not sharded:
-        yield
-        return
-    tensors = trainable_state(model) if tensors is None else tensors
-    for name, module, attr, _ in sharded:
-        module._parameters[attr] = nn.Parameter(tensors[name], requires_grad=True)
-    try:
-        yield
-    finally:
-        for _, module, attr, param in sharded:
-            module._parameters[attr] = param
-
-
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints (with a trainer state), oldest first; temporary folders are ignored."""
     root = output_dir / "checkpoints"
@@ -242,58 +152,6 @@ def fp32_master_weights(model: nn.Module) -> list[str]:
             param.data = param.data.to(torch.float32)
             names.append(name)
     return names
-
-
-def _mixed_precision(value: str) -> str:
-    if value != "auto":
-        return value
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
-def make_accelerator(args: TrainArgs, *, cpu: bool = False) -> Accelerator:
-    """The accelerator for `args` (the launcher picks DDP, FSDP or DeepSpeed); `cpu`: stay on the CPU.
-
-    On the CPU accelerate always picks plain multi-process data parallelism (MULTI_CPU) and ignores an FSDP
-    launch config; with several processes and `ACCELERATE_USE_FSDP=true` (what `accelerate launch` sets for
-    `distributed_type: FSDP`) we switch its state to FSDP, which torch's FSDP2 runs on gloo (see `_fsdp_on_cpu`).
-    """
-    # DeepSpeed runs on the CPU through its own CPU accelerator, but accelerate enables it only without cpu=True
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    on_cpu = (cpu or not torch.cuda.is_available()) and not deepspeed
-    if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        PartialState(backend="gloo")  # else accelerate finds no backend and each process trains alone
-    accelerator = Accelerator(
-        cpu=on_cpu,
-        mixed_precision=_mixed_precision(args.mixed_precision),
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.ddp_find_unused_parameters)],
-    )
-    if on_cpu and accelerator.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        _fsdp_on_cpu(accelerator)
-    return accelerator
-
-
-def _fsdp_on_cpu(accelerator: Accelerator) -> None:
-    """Make a CPU accelerator (MULTI_CPU, gloo) prepare the model with FSDP2 from the launch config's plugin.
-
-    accelerate (1.15) only enables FSDP for accelerator devices, but `fully_shard` itself runs on gloo with
-    CPU tensors (DTensor on a "cpu" device mesh); everything accelerate does for FSDP2 afterwards (prepare,
-    clip_grad_norm_, save_state/load_state through torch.distributed.checkpoint) works there. FSDP1 is refused:
-    its CPU path is not the one accelerate or we test."""
-    plugin = accelerator.state.fsdp_plugin if getattr(accelerator.state, "fsdp_plugin", None) else None
-    plugin = plugin or FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 2:
-        raise ValueError("FSDP on the CPU needs fsdp_version: 2 (FSDP2) in the accelerate config.")
-    accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
-    # every later AcceleratorState() copies PartialState's fields over its own: set it there too, as accelerate
-    # itself does when it picks FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 class _Stop:

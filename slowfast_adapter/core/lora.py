@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .config import LORA_DEFAULT_TARGETS, SlowFastConfig
+from ..config import LORA_DEFAULT_TARGETS, SlowFastConfig
 
 if TYPE_CHECKING:  # peft is imported only when LoRA is used (it takes seconds to import)
     from peft import LoraConfig

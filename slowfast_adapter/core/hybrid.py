@@ -1,26 +1,8 @@
 """Hybrid decoder layers: gated cross-attention of query tokens over the slow tokens.
 
-`SlowBranch` holds the new parameters of one hybrid layer. `HybridLayerHooks` attaches it to an
-unchanged decoder layer of the base model with two forward pre-hooks:
-
-1. on `self_attn`: select the query tokens, project them with the layer's own `q_proj` (and `q_norm`),
-   apply their RoPE, and cross-attend to the slow K/V (projected once per call from the slow tokens
-   normalised by the layer's own `input_layernorm`);
-2. on `o_proj`: add `gate * cross_output` to the self-attention output of the query tokens, before
-   `o_proj`, with `gate = tanh(Linear(self_attn_output)) * tanh(alpha)` and alpha initialised to 0.
-
-Without an active `SlowContext` for this model both hooks do nothing, so the base model runs untouched.
-
-Sharded training (FSDP, DeepSpeed ZeRO-3) materialises a parameter only around a call of a module that holds it:
-ZeRO-3 gathers a module's own parameters in that module's forward pre-hook, FSDP around the forward of the
-unit that owns them; outside, a parameter can be an empty shard. The hooks run inside *other* modules' calls
-(`self_attn`, `o_proj`), so they never read a branch parameter directly: the K/V projection is a call of
-`branch.kv_proj`, the gate a call of the branch itself (`SlowBranch.forward`, which reads `attn_gate` and calls
-`gate_proj`). That keeps one code path for every engine, with nothing to register per engine.
-One base module is called outside its own unit's forward: the layer's `input_layernorm`, when the slow K/V are
-projected up front (before the decoder runs). ZeRO-3 gathers it in the norm's own pre-hook; under FSDP2 it
-belongs to the decoder layer's unit and is still sharded there, so `unsharded` runs it on the gathered weight
-(`DTensor.full_tensor`, differentiable; no copy is kept).
+`SlowBranch` holds one hybrid layer's new parameters; `HybridLayerHooks` attaches it to an unchanged decoder layer
+with two forward pre-hooks (on `self_attn` and `o_proj`) that act only inside this model's calls. Design notes
+(the gate, sharding engines): docs/internals.md.
 """
 
 from __future__ import annotations
@@ -39,7 +21,8 @@ except ImportError:  # torch built without distributed support
 
 from . import surface
 from .attention import kernel_for, slow_cross_attention
-from .state import SlowContext, SlowItem, active_context, current_context
+from .state import SlowContext, active_context, current_context
+from .types import SlowItem
 
 
 def _autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
@@ -192,8 +175,8 @@ class HybridLayerHooks:
         surface.attention_implementation(self.attn)  # checked now; read at every call (users may switch it)
         self.query_rope, self.query_states, self.rope = query_rope, query_states, rope
         self.handles = [
-            self.attn.register_forward_pre_hook(self._before_attention, with_kwargs=True),
-            surface.attention_attribute(self.attn, "o_proj").register_forward_pre_hook(self._before_o_proj),
+            self.attn.register_forward_pre_hook(self.before_attention, with_kwargs=True),
+            surface.attention_attribute(self.attn, "o_proj").register_forward_pre_hook(self.before_o_proj),
         ]
 
     def remove(self) -> None:
@@ -230,7 +213,7 @@ class HybridLayerHooks:
                     kv[item.row, item.start : item.start + item.length] = part
         todo = [item for i, item in enumerate(slow.items) if i not in cached]
         if todo:
-            context.stats["kv_projections"] += 1
+            context.counters.kv_projection()
             self._project_into(kv, slow.tokens, todo)
             if encoded is not None and context.store_kv:
                 for item in todo:
@@ -250,7 +233,7 @@ class HybridLayerHooks:
             normed = norm(tokens[r, p])  # [n, D]
             kv[r, p] = self.branch.project_tokens(normed)  # [n, 2 * H_kv * hd]
 
-    def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = active_context(self.owner)
         if context is None:
             return None
@@ -259,7 +242,7 @@ class HybridLayerHooks:
         plan = step_plan(context, length, batch, hidden.device)
         if plan is None:  # no token of this step queries
             return None
-        context.record_read(self.layer_idx, plan.per_row)
+        context.counters.read(self.layer_idx, plan.per_row)
         # Dense steps run every token; long steps gather their query tokens (and those tokens' RoPE) first.
         pick = (lambda t: t) if plan.index is None else (lambda t: _gather_tokens(t.expand(batch, -1, -1), plan.index))
         query = self.query_states(self.attn, pick(hidden))  # [B, H, Lq, hd]
@@ -271,7 +254,7 @@ class HybridLayerHooks:
         slow = context.slow
         mask = slow.kernel_mask
         kernel = kernel_for(surface.attention_implementation(self.attn), query)
-        context.record_kernel(kernel)
+        context.counters.kernel(kernel)
         cross = slow_cross_attention(
             query,
             key,
@@ -286,7 +269,7 @@ class HybridLayerHooks:
         context.pending[self.layer_idx] = (plan, rearrange(cross, "b h l d -> b l (h d)"), frame_mass)
         return None
 
-    def _before_o_proj(self, module: nn.Module, args: tuple) -> tuple | None:
+    def before_o_proj(self, module: nn.Module, args: tuple) -> tuple | None:
         context = active_context(self.owner)
         if context is None or self.layer_idx not in context.pending:
             return None

@@ -1,25 +1,18 @@
 """Non-causal cross-attention of query tokens over slow tokens (GQA, key padding, no K/V copies).
 
-Two kernels, equal up to rounding:
-- "sdpa": `F.scaled_dot_product_attention`. On the CPU with a boolean key mask it runs torch's fused
-  flash kernel, which is already blocked over the keys (no [L_q, S] score matrix in memory), and it is
-  faster than our explicit chunked loop below (benchmarks/results/hybrid_scaling.md: the queries part
-  at 98k slow tokens takes 1.1 s with sdpa vs 3.2 s eager). So it is not chunked here.
-- "eager": plain matmuls and softmax, chunked over the slow tokens with an online softmax
-  (log-sum-exp merge), so memory is bounded by `chunk_size` keys whatever the number of slow tokens.
-
-The eager kernel can also sum its attention weights by groups of keys (`key_groups`: a video's frames), in the
-same pass and with the same softmax: `slow_attention_mass` ("where it looked", `frame_attention.py`).
+Kernels "sdpa", "eager" (chunked, online softmax; also sums attention mass per frame) and "flash_attn", equal up to
+rounding; `kernel_for` picks one per call site. Why sdpa is not chunked: docs/internals.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from .types import PackedKeys
 
 DEFAULT_CHUNK_SIZE = 4096
 """Slow tokens per step of the eager kernel: scores of [.., L_q, chunk_size] at a time."""
@@ -93,20 +86,6 @@ def kernel_for(implementation: str, query: torch.Tensor) -> str:
     ):
         return "flash_attn"
     return "sdpa"
-
-
-class PackedKeys(NamedTuple):
-    """The real keys of a padded [B, S] key mask, packed row after row (flash-attn's varlen layout).
-
-    lengths: [B] int32, real keys per row; index: [N] long, their flat positions b * S + s in row order."""
-
-    lengths: torch.Tensor
-    index: torch.Tensor
-
-    @classmethod
-    def from_mask(cls, key_padding_mask: torch.Tensor) -> PackedKeys:
-        """From a [B, S] mask (one host sync, once per call: the index has a data-dependent length)."""
-        return cls(key_padding_mask.sum(-1, dtype=torch.int32), key_padding_mask.flatten().nonzero().squeeze(1))
 
 
 def _flash_attention(

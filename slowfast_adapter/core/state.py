@@ -12,106 +12,14 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 import torch
 
-from .attention import PackedKeys
+from . import inspection
+from .inspection import CallCounters
 from .surface import changed
-
-if TYPE_CHECKING:
-    from .encoded import EncodedVideos
-
-
-@dataclass(frozen=True)
-class SlowItem:
-    """One video's (or image's) slow tokens inside `SlowTokens`: tokens[row, start : start + length].
-
-    key: the video's fingerprint when its features may come from (or go to) an `EncodedVideos` cache.
-    units: a video's frames (or temporal groups of frames), each `length // units` consecutive tokens; 0 for an
-    image's tokens (read by "where it looked", `frame_attention.py`)."""
-
-    row: int
-    start: int
-    length: int
-    key: str | None = None
-    units: int = 0
-
-
-class SlowPiece(NamedTuple):
-    """One video's (or image's) slow tokens [S_i, D] for sample `row`, before packing (see `SlowItem`)."""
-
-    row: int
-    tokens: torch.Tensor
-    key: str | None = None
-    units: int = 0
-
-
-@dataclass
-class SlowTokens:
-    """The slow tokens of a batch, padded: tokens [B, S, D], mask [B, S] (True = real token; each row's real
-    tokens come first).
-
-    items: where each video's (or image's) tokens sit, in row order; by default one item per row holding the
-    row's leading real tokens. Slow K/V are projected item by item, so a video's K/V do not depend on the
-    batch it is in (and can be cached, see `encoded.py`).
-
-    Derived once here, so a decode step reads them without a host sync (and `torch.compile` sees plain fields):
-    has_slow [B] bool, the sample has at least one slow token; attend_mask [B, S], the key mask with no empty row
-    (empty samples' outputs are zeroed by the caller); padded, whether any row of it has a False (else attention
-    runs with no mask at all); packed_keys, the real keys of a padded batch for flash-attn's varlen kernel.
-    """
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    items: list[SlowItem] | None = None
-    has_slow: torch.Tensor = field(init=False, repr=False)
-    attend_mask: torch.Tensor = field(init=False, repr=False)
-    padded: bool = field(init=False, repr=False)
-    packed_keys: PackedKeys | None = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        counts = self.mask.sum(-1)
-        if self.items is None:
-            self.items = [SlowItem(row, 0, int(count)) for row, count in enumerate(counts.tolist()) if count]
-        self.has_slow = counts > 0
-        self.attend_mask = self.mask.clone()
-        self.attend_mask[:, 0] |= ~self.has_slow
-        self.padded = not bool(self.attend_mask.all())
-        self.packed_keys = PackedKeys.from_mask(self.attend_mask) if self.padded else None
-
-    @property
-    def kernel_mask(self) -> torch.Tensor | None:
-        """`attend_mask` where some row is padded, else None: the attention kernels run unmasked then."""
-        return self.attend_mask if self.padded else None
-
-    @classmethod
-    def pack(cls, items: list[SlowPiece], batch_size: int) -> SlowTokens | None:
-        """Concatenate per-item slow tokens by sample row; None when there are no items."""
-        if not items:
-            return None
-        if batch_size == 1 and len(items) == 1:  # one video (the long-video case): a view, no copy
-            row, tokens, key, units = items[0]
-            mask = torch.ones(1, tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            return cls(tokens[None], mask, [SlowItem(row, 0, tokens.shape[0], key, units)])
-        items = sorted(items, key=lambda item: item.row)  # stable: keeps each sample's items in order
-        rows = torch.tensor([item.row for item in items])
-        lengths = torch.tensor([item.tokens.shape[0] for item in items])
-        flat = torch.cat([item.tokens for item in items])  # [N, D]
-        sample = rows.repeat_interleave(lengths)  # [N]
-        per_row = torch.bincount(rows, weights=lengths, minlength=batch_size).long()
-        starts = per_row.cumsum(0) - per_row
-        slot = torch.arange(flat.shape[0]) - starts[sample]
-        tokens = flat.new_zeros(batch_size, int(per_row.max()), flat.shape[-1])
-        mask = torch.zeros(batch_size, tokens.shape[1], dtype=torch.bool, device=flat.device)
-        sample, slot = sample.to(flat.device), slot.to(flat.device)
-        tokens[sample, slot] = flat
-        mask[sample, slot] = True
-        placed, cursor = [], [0] * batch_size
-        for (row, _, key, units), length in zip(items, lengths.tolist(), strict=True):
-            placed.append(SlowItem(row, cursor[row], length, key, units))
-            cursor[row] += length
-        return cls(tokens, mask, placed)
+from .types import SlowKVCache, SlowTokens
 
 
 def prompt_query_mask(visual_mask: torch.Tensor, query_tokens: str) -> torch.Tensor:
@@ -145,12 +53,8 @@ class SlowContext:
     step_plan: which of the step's tokens query, worked out by the step's first hybrid layer and reused by the
     others (`hybrid.StepPlan`). Positions come from the step's KV cache, so greedy, sampling, beam search, chunked
     prefill, cropped (assisted) caches and `use_cache=False` all get the right query mask.
-    stats: counters for tests and benchmarks: "steps" (language-model forwards), "slow_reads" (hybrid
-    layer calls in which at least one token read the slow tokens), "kv_projections" (slow K/V projections;
-    not counted for a layer whose K/V all came from `encoded`).
-    reads: one entry per hybrid layer call: (step number from 1, layer index, [B] count per row of the
-    tokens that read the slow tokens). See `recording()`.
-    kernels: the cross-attention kernels that ran ("eager", "sdpa", "flash_attn"; `attention.kernel_for`).
+    counters: what the call did (`inspection.CallCounters`, eager mode only); `inspection.recording()` collects
+    the contexts of a block.
     encoded: videos encoded earlier (`SlowFastModel.encode`) whose slow K/V this call may reuse; with
     `store_kv`, K/V it projects for them are kept there (what `encode` does).
     frame_attention: set only inside `frame_attention.looking(...)`: the hybrid layers also record how much
@@ -166,38 +70,20 @@ class SlowContext:
     step_start: int | torch.Tensor | None = None
     step_length: int | None = None
     step_plan: Any = None
-    stats: dict[str, int] = field(default_factory=lambda: {"steps": 0, "slow_reads": 0, "kv_projections": 0})
-    reads: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
-    kernels: set[str] = field(default_factory=set)
-    encoded: EncodedVideos | None = None
+    counters: CallCounters = field(default_factory=CallCounters)
+    encoded: SlowKVCache | None = None
     store_kv: bool = False
     frame_attention: Any = None
 
     def __post_init__(self) -> None:
-        recorder = _RECORDER.get()
-        if recorder is not None:
-            recorder.append(self)
-
-    def record_read(self, layer_idx: int, per_row: torch.Tensor) -> None:
-        """A hybrid layer call in which `per_row` [B] tokens of each row read the slow tokens (eager only: a
-        compiled step keeps no Python-side record, which would change what `torch.compile` guards on per token)."""
-        if torch.compiler.is_compiling():
-            return
-        self.reads.append((self.stats["steps"], layer_idx, per_row))
-        self.stats["slow_reads"] += 1
-
-    def record_kernel(self, kernel: str) -> None:
-        """The cross-attention ran `kernel` ("eager", "sdpa" or "flash_attn"; `attention.kernel_for`): kept in
-        `kernels` (eager only, like `record_read`)."""
-        if not torch.compiler.is_compiling():
-            self.kernels.add(kernel)
+        inspection.record(self)
 
     def begin_step(self, length: int, cached: int | torch.Tensor | None) -> None:
         """A language-model forward over `length` tokens, after `cached` tokens in its KV cache (None: no cache).
 
         `cached` is read as a value: a static cache reports its length as a tensor it advances in place inside its
         first layer, so a reference to it would shift the start seen by every later layer (a copy is kept)."""
-        if cached is None and self.stats["steps"] > 0 and length < self.prompt_query_mask.shape[1]:
+        if cached is None and self.counters.steps > 0 and length < self.prompt_query_mask.shape[1]:
             raise changed(
                 "language_model(cache=...)",
                 f"a decode step of {length} token(s) reached the language model without a transformers.Cache, so "
@@ -208,8 +94,7 @@ class SlowContext:
         self.step_start = cached.clone() if isinstance(cached, torch.Tensor) else int(cached)
         self.step_length = length
         self.step_plan = None
-        if not torch.compiler.is_compiling():  # counters are for eager inspection; a compiled step keeps no count
-            self.stats["steps"] += 1
+        self.counters.step()  # eager only: a compiled step keeps no count
 
     def step_query_mask(self, length: int, batch: int) -> torch.Tensor:
         """[batch, length] bool for the current step; checks the step was announced by `begin_step`."""
@@ -238,7 +123,6 @@ class SlowContext:
 
 
 _ACTIVE: ContextVar[SlowContext | None] = ContextVar("slowfast_active_context", default=None)
-_RECORDER: ContextVar[list[SlowContext] | None] = ContextVar("slowfast_recorder", default=None)
 _MODES: ContextVar[dict[int, str]] = ContextVar("slowfast_modes", default={})  # noqa: B039 (never mutated)
 
 
@@ -269,18 +153,6 @@ def mode(owner: int, name: str) -> Iterator[None]:
 
 def current_mode(owner: int) -> str:
     return _MODES.get().get(owner, "slowfast")
-
-
-@contextmanager
-def recording() -> Iterator[list[SlowContext]]:
-    """Collect every `SlowContext` created in this thread within the block (tests and benchmarks read their
-    `stats` and `reads` to prove the slow path ran)."""
-    contexts: list[SlowContext] = []
-    token = _RECORDER.set(contexts)
-    try:
-        yield contexts
-    finally:
-        _RECORDER.reset(token)
 
 
 def current_context() -> SlowContext | None:

@@ -34,9 +34,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..config import SlowFastConfig
+from ..families import family_for
+from ..version import __version__
 from . import model_card
-from .config import SlowFastConfig
-from .families import family_for
 from .files import (
     CONFIG_NAME,
     DEFAULT_ADAPTER,
@@ -56,7 +57,6 @@ from .files import (
     temporary_dir,
     temporary_writer,
 )
-from .version import __version__
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -78,7 +78,7 @@ def base_identity(model: nn.Module, projector_paths: tuple[str, ...] = ()) -> di
         "architecture": type(model).__name__,
         "name_or_path": model_card.base_name(getattr(config, "_name_or_path", "") or ""),
         "revision": getattr(config, "_commit_hash", None),
-        "fingerprint": family_for(model).fingerprint(model),
+        "fingerprint": family_for(model).base_shapes(model),
     }
     if projector_paths:  # a trained projector replaces the base's: its input and output widths must match
         shapes: dict[str, list[int] | None] = {}

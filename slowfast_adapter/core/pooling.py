@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
-from .config import SlowFastConfig
+from ..config import SlowFastConfig
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ def count_model(model: nn.Module, settings: DeepSpeedSettings = DeepSpeedSetting
     """Exact parameter counts of a `SlowFastModel` (typically on the meta device) and the sizes the formulas use."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from . import surface
+    from ..core import surface
 
     base = model.base_model
     params = list(model.named_parameters())
@@ -338,8 +338,8 @@ def strategy_terms(
 # ------------------------------------------------------------------------------------------ reports
 def build_wrapped_meta_model(model_name: str, slowfast: Any) -> nn.Module:
     """The recipe's base (shipped config or local folder) on the meta device, wrapped with `slowfast`."""
+    from ..model import SlowFastModel
     from .flops import build_meta_model, load_config
-    from .model import SlowFastModel
 
     return SlowFastModel(build_meta_model(load_config(model_name)), slowfast)
 
@@ -365,7 +365,7 @@ def memory_report(
     """Per-GPU memory of each strategy for a training recipe on `gpus` GPUs (an estimate; see the module docstring).
 
     model: the wrapped meta model, when already built for this recipe (tests reuse one)."""
-    from .training.recipe import Recipe
+    from ..training.recipe import Recipe
 
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}.")
@@ -391,7 +391,7 @@ def memory_report(
         activations=activations,
         assumptions=[
             "computed, not measured on a GPU; an estimate that leaves out the CUDA context, allocator fragmentation "
-            "and temporary buffers (see slowfast_adapter/memory.py)",
+            "and temporary buffers (see slowfast_adapter/tools/memory.py)",
             f"one video of {frames} frames + {text_tokens} text tokens per sample, batch {t.per_device_batch_size}",
             "bf16 base; the adapter trains with fp32 master weights, gradients and AdamW moments under every "
             "strategy (DDP: the Trainer's fp32 parameters under bf16 autocast; FSDP: fp32 shards; DeepSpeed: its "
@@ -448,8 +448,8 @@ MARKDOWN_HEADER = """# Training memory per GPU (computed, not measured)
 
 Command: `{command}` ({versions}; parameter counts exact on the meta device, no GPU involved).
 
-An estimate from the formulas in `slowfast_adapter/memory.py` (its docstring states every assumption), bytes per GPU
-with P frozen and T trainable parameters on N GPUs:
+An estimate from the formulas in `slowfast_adapter/tools/memory.py` (its docstring states every assumption),
+bytes per GPU with P frozen and T trainable parameters on N GPUs:
 frozen base 2P (1 process, DDP, ZeRO-2) or 2P/N (FSDP, ZeRO-3); adapter weights, gradients and AdamW state in fp32:
 whole in one process (4T + 2T autocast bf16 copies, 4T, 8T) and under DDP (+ 4T gradient buckets), sharded under FSDP
 and DeepSpeed (4T/N + 4T/N + 8T/N, plus bf16 copies); gathered parameters (FSDP: root unit + LM head + 2 decoder
@@ -471,7 +471,7 @@ def _versions() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m slowfast_adapter.memory",
+        prog="python -m slowfast_adapter.tools.memory",
         description="Per-GPU training memory of a recipe under DDP, FSDP, ZeRO-2 and ZeRO-3 (computed, an estimate).",
     )
     parser.add_argument("--recipe", action="append", required=True, help="a training recipe YAML (repeatable)")
@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_report(path, args.gpus, frames=args.frames, text_tokens=args.text_tokens, image_size=args.image_size)
         for path in args.recipe
     ]
-    command = "python -m slowfast_adapter.memory " + " ".join(f"--recipe {p}" for p in args.recipe)
+    command = "python -m slowfast_adapter.tools.memory " + " ".join(f"--recipe {p}" for p in args.recipe)
     command += f" --gpus {args.gpus}"
     text = "\n\n".join(format_markdown(r) for r in reports)
     print(text)

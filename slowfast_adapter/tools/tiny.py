@@ -92,7 +92,9 @@ def _text_config_kwargs(
 
 def _random_init(model_cls, config, *, attn_implementation: str, seed: int, lm_head_scale: float = 8.0):
     """Seeded random model in eval mode; the LM head is scaled (by default) so greedy decoding is decisive."""
-    config._attn_implementation = attn_implementation
+    from ..core import surface
+
+    surface.set_attention_implementation(config, attn_implementation)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():

@@ -1,21 +1,7 @@
 """Where it looked: how much each hybrid layer's cross-attention, times its gate, put on each frame.
 
-For every token that reads the slow tokens, and every hybrid layer, the map holds the layer's attention weights
-(mean over heads) summed over each frame's slow tokens, times the magnitude of the layer's gate for that token:
-`map[layer, row, token, frame] = |gate(token)| * mean_h sum_{s in frame} softmax_s(q_h(token) . k_h(s))`.
-A closed gate (alpha = 0, as at init) gives zeros whatever the attention does; a row sums over frames to the
-token's |gate| (every slow token of a video belongs to a frame; images' slow tokens are left out).
-
-The weights come from the same eager kernel and softmax as the cross-attention (`attention.slow_attention_mass`),
-on the same RoPE'd queries and cached slow keys, as an extra pass that runs only inside `looking(model)`. Outside
-it the hybrid layers test one attribute and do nothing more; the model's outputs are the same either way.
-
-    with sfa.looking(model) as record:
-        output = model.generate(**inputs, max_new_tokens=8)
-    looked = record.result()                     # a FrameAttention
-    looked.per_frame(row=0, tokens="answer")     # [F]: what the answer read, mean over hybrid layers
-
-or in one call: `looked = sfa.where_it_looked(model, inputs, max_new_tokens=8)`.
+`looking(model)` records the maps of the calls in its block, `where_it_looked(model, inputs, ...)` runs one call and
+returns a `FrameAttention`. What the maps hold and how they are computed: docs/internals.md.
 """
 
 from __future__ import annotations
@@ -24,16 +10,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from einops import reduce
+from torch import nn
 
 from .attention import slow_attention_mass
-from .state import SlowContext, SlowItem, SlowTokens
-
-if TYPE_CHECKING:
-    from .model import SlowFastModel
+from .state import SlowContext
+from .types import SlowItem, SlowTokens
 
 
 @dataclass
@@ -244,10 +229,10 @@ _LOOKING: ContextVar[Recording | None] = ContextVar("slowfast_looking", default=
 
 
 @contextmanager
-def looking(model: SlowFastModel, *, timestamps: Sequence[Sequence[float]] | None = None) -> Iterator[Recording]:
+def looking(model: nn.Module, *, timestamps: Sequence[Sequence[float]] | None = None) -> Iterator[Recording]:
     """Record the per-frame maps of every slow-fast `forward`/`generate` call of `model` inside the block (this
     thread only). timestamps: per video, each frame's time in seconds (see `unit_timestamps`)."""
-    recording = Recording(id(model), list(model.hybrid_layer_indices), model.family.video_unit, timestamps)
+    recording = Recording(id(model), list(model.hybrid_layer_indices), model.family.unit_name, timestamps)
     token = _LOOKING.set(recording)
     try:
         yield recording
@@ -255,7 +240,7 @@ def looking(model: SlowFastModel, *, timestamps: Sequence[Sequence[float]] | Non
         _LOOKING.reset(token)
 
 
-def attach(model: SlowFastModel, context: SlowContext | None, prompt_ids: torch.Tensor, attention_mask) -> None:
+def attach(model: nn.Module, context: SlowContext | None, prompt_ids: torch.Tensor, attention_mask) -> None:
     """Give `context` a `CallRecorder` when `model` runs inside `looking(model)` (called by forward/generate)."""
     recording = _LOOKING.get()
     if context is None or recording is None or recording.owner != id(model):
@@ -272,7 +257,7 @@ def attach(model: SlowFastModel, context: SlowContext | None, prompt_ids: torch.
 
 
 def where_it_looked(
-    model: SlowFastModel,
+    model: nn.Module,
     inputs: dict[str, Any],
     *,
     max_new_tokens: int | None = None,

@@ -1,36 +1,22 @@
-"""Encode once, ask many: a video's features kept between calls.
+"""Encode once, ask many: videos' features, slow K/V and prompt-prefix KV caches kept between calls.
 
-`SlowFastModel.encode(**processor_outputs)` runs the vision tower and projector on each video once and
-returns an `EncodedVideos`; later calls given `encoded=` take each video's features (and each hybrid
-layer's slow K/V) from it instead of encoding the same pixels again. Videos are matched by their pixels,
-bit for bit (a BLAKE2 digest of each video's pixel tensor), so a batch may mix cached and new videos, ask
-one video several questions in one batch, or list the videos in another order: what is not cached is
-encoded as usual. The answer is the same, logit for logit, as without `encoded` (tests/test_encoded.py).
-
-Only the slow-fast path reads the cache: under `disable_adapter()` the base encodes its native tokens itself.
-
-Prompt prefix: when `encode` is given a one-prompt processor output, it also runs the LLM over the prompt up to
-its last visual token (system prompt, user turn start, the fast video tokens) and keeps that KV cache. A later
-one-prompt `generate` whose fitted prompt starts with the same tokens and the same videos (two videos of one
-length give the same tokens, so prefixes are keyed by both), with no visual token after them, starts from a copy
-of it and prefills only the rest (the question). Same tokens; logits equal up to float rounding (the prefix's
-K/V came from a forward over fewer tokens). Used only in the slow-fast mode and while every parameter is as it
-was at `encode`.
+`EncodedVideos` is the cache (videos matched by a digest of their pixels); `encode` and `generate_inputs` are the
+wrapper's `encode` and its prompt-prefix reuse. How matching and the prefix work: docs/internals.md.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
-from . import surface
-
-if TYPE_CHECKING:
-    from .families import PreparedInputs
+from . import state, surface
+from .types import PreparedInputs, VideoFeatures
 
 
 def fingerprint(pixels: torch.Tensor) -> str:
@@ -38,24 +24,6 @@ def fingerprint(pixels: torch.Tensor) -> str:
     data = pixels.detach().contiguous().cpu()
     digest = hashlib.blake2b(data.view(torch.uint8).numpy() if data.numel() else b"", digest_size=16)  # no copy
     return f"{tuple(data.shape)}:{data.dtype}:{digest.hexdigest()}"
-
-
-@dataclass
-class VideoFeatures:
-    """One video encoded by the base's vision tower and projector (before fast pooling).
-
-    native: the family's per-video features (LLaVA: [T*h*w + 1, D] with the newline token; Qwen: the merged
-    tokens [N, D] and, for Qwen3-VL, `extra` holds the deepstack features per layer [N, D]).
-    output_type: the class of the base's `get_video_features` output, to rebuild one from cached videos.
-    """
-
-    native: torch.Tensor
-    extra: list[torch.Tensor] = field(default_factory=list)
-    output_type: Any = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [self.native, *self.extra])
 
 
 def _parameters_state(tensors: list[torch.Tensor]) -> tuple:
@@ -191,3 +159,56 @@ def encoded_items(
     if store:
         cache.videos.update(fresh)
     return [fresh[key] if key in fresh else cache.videos[key] for key in keys], keys
+
+
+# ------------------------------------------------------------------------------ the wrapper's encode and reuse
+def encode(model: nn.Module, inputs: dict[str, Any], into: EncodedVideos | None) -> EncodedVideos:
+    """`SlowFastModel.encode` of `model` (see its docstring): the videos of `inputs` and their slow K/V added to
+    `into` (or a new `EncodedVideos`); with one prompt, also its prefix's KV cache."""
+    encoded = into if into is not None else EncodedVideos(owner=id(model), projector=model.projector_adapter)
+    encoded.check_owner(id(model), model.projector_adapter)
+    input_ids = inputs.get("input_ids")
+    if input_ids is not None and input_ids.shape[0] == 1 and state.current_mode(id(model)) == "slowfast":
+        _encode_prompt(model, {k: v for k, v in inputs.items() if k != "labels"}, encoded)
+        return encoded
+    videos = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
+    slow = model.family.encode_videos(model.base_model, model.slowfast_config, videos, encoded)
+    if slow is not None:
+        empty_prompt = torch.zeros(slow.mask.shape[0], 0, dtype=torch.bool)
+        model.slow_context_for_tokens(slow, empty_prompt, encoded=encoded, store_kv=True)
+    return encoded
+
+
+def _encode_prompt(model: nn.Module, inputs: dict[str, Any], encoded: EncodedVideos) -> None:
+    """One prompt: add its videos and their slow K/V to `encoded`, and keep the LLM's KV cache of the prompt up
+    to its last visual token (see the module docstring) when every visual input of the prompt is a cached video."""
+    prepared = model.family.prepare(model.base_model, model.slowfast_config, inputs, encoded=encoded, store=True)
+    context = model.slow_context(prepared, encoded, store_kv=True)  # projects and stores the slow K/V
+    videos = prepared_videos(prepared)
+    if context is None or videos is None or inputs.get("pixel_values") is not None:
+        return  # images are not cached: a prefix holding one could not be matched to it later
+    length = int(prepared.visual_mask[0].nonzero()[-1]) + 1
+    if length >= prepared.input_ids.shape[1]:
+        return  # nothing after the video to ask
+    with state.activated(context):
+        output = model.base_model(**prefix_inputs(prepared.model_inputs, length), use_cache=True, logits_to_keep=1)
+    key = (tuple(prepared.input_ids[0, :length].tolist()), videos)
+    encoded.prefixes[key] = PromptPrefix(surface.output_cache(output), parameters_state(model))
+
+
+def generate_inputs(
+    model: nn.Module, prepared: PreparedInputs, encoded: EncodedVideos | None, context: state.SlowContext | None
+) -> dict[str, Any]:
+    """The base `generate`'s inputs for `prepared`: from a copy of the cached prompt prefix's KV cache when
+    `encoded` holds one this prompt continues (only the rest of the prompt is prefilled), else as prepared."""
+    model_inputs = prepared.model_inputs
+    if encoded is None or context is None or context.frame_attention is not None:  # maps cover every token
+        return model_inputs
+    prefix = encoded.prefix_for(prepared, prepared_videos(prepared), parameters_state(model))
+    if prefix is None:
+        return model_inputs
+    encoded.stats["prefix_hits"] += 1
+    model_inputs = {k: v for k, v in model_inputs.items() if k != surface.ENCODER_OUTPUTS_KWARG}
+    model_inputs[surface.cache_kwarg(model.base_model)] = copy.deepcopy(prefix.cache)
+    model.family.forget_generate_state(model.base_model)
+    return model_inputs

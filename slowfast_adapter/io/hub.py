@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..version import __version__
 from .files import CONFIG_NAME, LORA_SUBFOLDER, README_NAME, WEIGHTS_NAME, AdapterError, inside, relative_name
-from .version import __version__
 
 # Only the files an adapter folder needs; pickles and anything else in the repo are never downloaded.
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"{LORA_SUBFOLDER}/{CONFIG_NAME}", f"{LORA_SUBFOLDER}/{WEIGHTS_NAME}")

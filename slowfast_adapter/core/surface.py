@@ -18,7 +18,8 @@ Internals and where they are used:
   `gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)` on releases without it;
 - PEFT: `peft.tuners.lora.LoraLayer` (`lora_A`, `adapter_layer_names`, `get_base_layer`), `peft.functional`;
 - torch: `torch.utils._python_dispatch.TorchDispatchMode`, `torch.utils._pytree`, and
-  `aten._scaled_dot_product_flash_attention_for_cpu` (FLOP counting).
+  `aten._scaled_dot_product_flash_attention_for_cpu` (FLOP counting), `torch._dynamo.utils.counters` (benchmarks);
+- compiling: `CompileConfig._compile_all_devices` (compiled decode on the CPU).
 """
 
 from __future__ import annotations
@@ -256,3 +257,22 @@ def forget_rope_deltas(model: nn.Module) -> None:
     inner = _attribute(model, "model", type(model).__name__)
     _attribute(inner, "rope_deltas", type(inner).__name__)
     inner.rope_deltas = None
+
+
+def set_attention_implementation(config: Any, implementation: str) -> None:
+    """`config._attn_implementation = implementation`: what a model built from `config` runs ('sdpa', 'eager', ...)."""
+    config._attn_implementation = implementation
+
+
+def compile_on_every_device(compile_config: Any) -> Any:
+    """A transformers `CompileConfig` with `_compile_all_devices = True`, so `generate` compiles its decode step on the
+    CPU too (transformers does so by itself only on CUDA); returns it."""
+    compile_config._compile_all_devices = True
+    return compile_config
+
+
+def dynamo_counters() -> Any:
+    """`torch._dynamo.utils.counters`: what Dynamo compiled (e.g. `counters["stats"]["unique_graphs"]`)."""
+    from torch._dynamo.utils import counters
+
+    return counters

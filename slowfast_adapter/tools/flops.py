@@ -33,13 +33,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import DynamicCache
 
-from . import surface
-from .config import SlowFastConfig
-from .configs import CONFIGS_DIR, SHIPPED_CONFIGS
-from .families import family_for
-from .families.base import VideoLayout
-from .pooling import plan_fast_frames
-from .state import SlowTokens, activated, prompt_query_mask
+from ..config import SlowFastConfig
+from ..configs import CONFIGS_DIR, SHIPPED_CONFIGS
+from ..core import surface
+from ..core.pooling import plan_fast_frames
+from ..core.state import activated, prompt_query_mask
+from ..core.types import SlowTokens, VideoLayout
+from ..families import family_for
 
 QWEN3_TIMESTAMP_TOKENS = 6
 """Qwen3-VL writes `<t seconds>` before each temporal group: about 6 tokens (`<`, digits, `.`, digit,
@@ -203,7 +203,7 @@ def count_language_model(
             torch.empty(1, slow_tokens, text.hidden_size, device="meta"), torch.ones(1, slow_tokens, dtype=torch.bool)
         )
         kv_flops, context = count_flops(
-            lambda: model.slow_context(slow, query_mask[None], reproject_slow_kv=reproject_slow_kv)
+            lambda: model.slow_context_for_tokens(slow, query_mask[None], reproject_slow_kv=reproject_slow_kv)
         )
     cache = DynamicCache(config=text)
 
@@ -219,9 +219,9 @@ def count_language_model(
         decode = count_flops(lambda: step(1))[0]
     first = 2 if cached_prefix else 1  # the counted steps
     if context is not None:  # the counts must include the slow path: every hybrid layer read it in both steps
-        reads = sorted((step, layer) for step, layer, _ in context.reads if step >= first)
+        reads = sorted((step, layer) for step, layer, _ in context.counters.reads if step >= first)
         expected = sorted((step, layer) for step in (first, first + 1) for layer in model.hybrid_layer_indices)
-        if reads != expected or context.stats["steps"] != first + 1:
+        if reads != expected or context.counters.steps != first + 1:
             raise RuntimeError(f"The hybrid layers did not read the slow tokens in both counted steps: {reads}.")
     return LanguageCounts(prefill, decode, kv_flops)
 
@@ -301,7 +301,7 @@ def flops_report(
     all of which query the slow tokens ("text" query tokens; "all" makes every token a query).
     `base_frames` defaults to the frames whose native tokens match the first slow-fast column's fast tokens.
     """
-    from .model import SlowFastModel
+    from ..model import SlowFastModel
 
     slowfast = slowfast or SlowFastConfig()
     model = SlowFastModel(build_meta_model(config), slowfast)
