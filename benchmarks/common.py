@@ -174,16 +174,3 @@ def timed_generate(
         logits_processor=LogitsProcessorList([timer]), **kwargs,
     )  # fmt: skip
     return sequences, timer.step_times()
-
-
-def host_syncs_per_token(model: Any, inputs: dict[str, Any], **kwargs: Any) -> float:
-    """Device-to-host syncs per decode step of greedy `generate` ((syncs of 10 tokens - syncs of 2) / 8; the
-    prefill's cancel out). Under `torch.compile` the counter's mode recompiles the step: count after timing."""
-    from slowfast_adapter.core.host_syncs import HostSyncCounter
-
-    counts = []
-    for new_tokens in (2, 10):
-        with HostSyncCounter() as syncs:
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
-        counts.append(syncs.count)
-    return (counts[1] - counts[0]) / 8

@@ -35,7 +35,6 @@ from common import (  # noqa: E402
     MODELS,
     build_model,
     command_line,
-    host_syncs_per_token,
     machine,
     summary,
     timed_generate,
@@ -47,6 +46,7 @@ from transformers import CompileConfig  # noqa: E402
 
 from slowfast_adapter import wrap  # noqa: E402
 from slowfast_adapter.core import inspection, surface  # noqa: E402
+from slowfast_adapter.core.host_syncs import syncs_per_decode_step  # noqa: E402
 from slowfast_adapter.tools import flops
 
 VARIANTS = {  # name -> (label, model, generate keywords)
@@ -133,7 +133,7 @@ def main() -> None:
             if kwargs.pop("compiled", False):
                 kwargs["compile_config"] = compile_config("eager")  # the host side only: Dynamo without inductor
             with reprojecting(which):
-                syncs[name] = host_syncs_per_token(models[which], inputs[which], **kwargs)
+                syncs[name] = syncs_per_decode_step(models[which], inputs[which], tokens=10, **kwargs)
 
     meta = wrap(flops.build_meta_model(base.config), config)
     fast = model.prepare_inputs(**inputs["slowfast"])

@@ -20,11 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, host_syncs_per_token, machine, write_results  # noqa: E402
+from common import command_line, machine, write_results  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from slowfast_adapter import SlowFastConfig, wrap  # noqa: E402
-from slowfast_adapter.core.host_syncs import HostSyncCounter  # noqa: E402
+from slowfast_adapter.core.host_syncs import HostSyncCounter, syncs_per_decode_step  # noqa: E402
 from slowfast_adapter.tools.tiny import TINY_BUILDERS, random_video, save_tiny  # noqa: E402
 
 PROMPTS = ["What color is the star?", "Tell me: is it red or blue? Answer in one word please."]
@@ -59,14 +59,16 @@ def main() -> None:
             inputs = batch(AutoProcessor.from_pretrained(folder))
             row = {"base_prefill": prefill_syncs(base, inputs)[0]}
             for cache in ("dynamic", "static"):
-                row[f"base_decode_{cache}"] = host_syncs_per_token(base, inputs, cache_implementation=cache)
+                row[f"base_decode_{cache}"] = syncs_per_decode_step(base, inputs, tokens=10, cache_implementation=cache)
             model = wrap(base, SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2))
             row["slowfast_prefill"], sites = prefill_syncs(model, inputs)
             row["slowfast_prefill_library_sites"] = {
                 site.split("slowfast_adapter/")[-1]: n for site, n in sites.items() if "slowfast_adapter/" in site
             }
             for cache in ("dynamic", "static"):
-                row[f"slowfast_decode_{cache}"] = host_syncs_per_token(model, inputs, cache_implementation=cache)
+                row[f"slowfast_decode_{cache}"] = syncs_per_decode_step(
+                    model, inputs, tokens=10, cache_implementation=cache
+                )
             model.unwrap()
             rows[family] = row
     lines = [

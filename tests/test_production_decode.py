@@ -15,7 +15,7 @@ from transformers import CompileConfig
 
 import slowfast_adapter as sfa
 from slowfast_adapter.core import inspection
-from slowfast_adapter.core.host_syncs import HostSyncCounter
+from slowfast_adapter.core.host_syncs import syncs_per_decode_step
 
 GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 
@@ -64,24 +64,14 @@ def test_where_it_looked_under_the_static_cache_equals_the_dynamic_cache(base, p
     assert (static.answer_maps().sum(-1) > 0).all(), "every answer token's map is recorded (none overwritten)"
 
 
-def _decode_syncs(model, inputs, **kwargs) -> float:
-    """Host syncs per decode step: (syncs of 6 new tokens - syncs of 2) / 4, so the prefill's cancel out."""
-    counts = []
-    for new_tokens in (2, 6):
-        with HostSyncCounter() as syncs:
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
-        counts.append(syncs.count)
-    return (counts[1] - counts[0]) / 4
-
-
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 @torch.no_grad()
 def test_decode_adds_no_host_sync(base, processor, cache_implementation):
     inputs = make_inputs(processor, SAMPLES)  # padded batch
     cache = {"cache_implementation": cache_implementation}
-    base_syncs = _decode_syncs(base, inputs, **cache)
+    base_syncs = syncs_per_decode_step(base, inputs, **cache)
     model = _wrapped(base)
-    wrapped_syncs = _decode_syncs(model, inputs, **cache)
+    wrapped_syncs = syncs_per_decode_step(model, inputs, **cache)
     assert base_syncs >= 1  # the stopping check: the counter does see syncs
     assert wrapped_syncs == base_syncs
 

@@ -48,3 +48,15 @@ class HostSyncCounter(TorchFunctionMode):
     def sites(self) -> dict[str, int]:
         """Where the syncs happened: 'file:line function' -> count, most frequent first."""
         return dict(self._sites.most_common())
+
+
+def syncs_per_decode_step(model: Any, inputs: dict[str, Any], *, tokens: int = 6, **generate_kwargs: Any) -> float:
+    """Host syncs per decode step of greedy `model.generate(**inputs)`: (syncs of `tokens` new tokens - syncs of 2) /
+    (tokens - 2), so the prefill's cancel out. Under `torch.compile` the counter's mode recompiles the step."""
+    counts = []
+    for new_tokens in (2, tokens):
+        with HostSyncCounter() as syncs:
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           **generate_kwargs)  # fmt: skip
+        counts.append(syncs.count)
+    return (counts[1] - counts[0]) / (tokens - 2)
