@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+import transformers
 from conftest import make_inputs
 from test_generation import SAMPLES, perturb_branches
 from torch._dynamo.utils import counters
@@ -33,6 +34,22 @@ def _assert_same_logits(a, b) -> None:
         torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
 
 
+def _skip_unless_the_base_chunks_right(model, inputs) -> None:
+    """transformers 5.18's own chunked prefill with video fails (Qwen) or gives other logits than one prefill
+    (LLaVA-OneVision), for the bare base too, dynamic cache included: nothing the adapter can match there."""
+    kwargs = dict(max_new_tokens=2, min_new_tokens=2, **GREEDY)
+    with model.disable_adapter():
+        try:
+            whole, chunked = (model.generate(**inputs, **extra, **kwargs) for extra in ({}, {"prefill_chunk_size": 16}))
+            pairs = zip(whole.logits, chunked.logits, strict=True)
+            same = all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in pairs)
+        except RuntimeError:
+            same = False
+    if not same:
+        version = transformers.__version__
+        pytest.skip(f"transformers {version}: the base model's own chunked prefill with video fails or differs")
+
+
 @pytest.mark.parametrize("prefill_chunk_size", [None, 16])
 @torch.no_grad()
 def test_static_cache_equals_dynamic_cache(base, processor, prefill_chunk_size):
@@ -41,6 +58,8 @@ def test_static_cache_equals_dynamic_cache(base, processor, prefill_chunk_size):
     model = _wrapped(base)
     inputs = make_inputs(processor, SAMPLES)  # two rows, left-padded
     chunking = {} if prefill_chunk_size is None else {"prefill_chunk_size": prefill_chunk_size}
+    if chunking:
+        _skip_unless_the_base_chunks_right(model, inputs)
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, **GREEDY)
     dynamic = model.generate(**inputs, **kwargs)
     static = model.generate(**inputs, cache_implementation="static", **chunking, **kwargs)
@@ -54,6 +73,7 @@ def test_static_cache_equals_dynamic_cache(base, processor, prefill_chunk_size):
 def test_where_it_looked_under_the_static_cache_equals_the_dynamic_cache(base, processor):
     model = _wrapped(base)
     inputs = make_inputs(processor, SAMPLES[:1])
+    _skip_unless_the_base_chunks_right(model, inputs)
     dynamic = sfa.where_it_looked(model, inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     static = sfa.where_it_looked(
         model, inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static",
