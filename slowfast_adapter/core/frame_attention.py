@@ -116,13 +116,14 @@ class CallRecorder:
         return reduce(mass.float(), "b h l f -> b l f", "mean")
 
     def record(
-        self, context: SlowContext, layer_idx: int, positions: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor
+        self, context: SlowContext, layer_idx: int, in_step: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor
     ) -> None:
-        """weights [B, Lq, F] (mass x |gate|) of the step's planned tokens at sequence `positions` [B, Lq], `valid`
-        [B, Lq]. Keyed by the step's start as a value (a static cache keeps its length in a tensor it advances in
-        place) and the layer: a recompute (activation checkpointing) overwrites."""
+        """weights [B, Lq, F] (mass x |gate|) of the step's planned tokens at positions `in_step` [B, Lq] within the
+        step, `valid` [B, Lq]. Keyed by the step's start as a value (a static cache keeps its length in a tensor it
+        advances in place) and the layer: a recompute (activation checkpointing) overwrites."""
         start = int(context.step_start)
-        self.entries[(start, layer_idx)] = (positions.cpu(), valid.cpu(), weights.detach().float().cpu())
+        positions = in_step.cpu() + start
+        self.entries[(start, layer_idx)] = (positions, valid.cpu(), weights.detach().float().cpu())
 
     def finish(self, new_tokens: torch.Tensor, sequences: Any) -> None:
         """After `generate`: the generated tokens [B', N] and what `generate` returned."""

@@ -262,7 +262,7 @@ class HybridLayerHooks:
             None if mask is None else mask.to(key.device),
             scaling=self.scaling,
             implementation=kernel,
-            packed_keys=slow.packed_keys,
+            packed_keys=slow.packed_keys() if kernel == "flash_attn" else None,
         )
         looks = context.frame_attention  # "where it looked" (frame_attention.py); None unless asked for
         frame_mass = None if looks is None else looks.attend(query, key, slow, scaling=self.scaling)
@@ -279,7 +279,7 @@ class HybridLayerHooks:
         gate = self.branch.gate(queried)  # [B, Lq, 1]
         if frame_mass is not None:  # [B, Lq, F] attention mass per frame, times |gate|
             weights = frame_mass * gate.detach().abs().float()
-            context.frame_attention.record(context, self.layer_idx, plan.positions(), plan.valid, weights)
+            context.frame_attention.record(context, self.layer_idx, plan.step_positions(), plan.valid, weights)
         update = (gate * cross * plan.valid[..., None]).to(attn_output.dtype)  # [B, Lq, heads * hd]
         if plan.index is None:
             return (attn_output + update,)
@@ -300,22 +300,18 @@ class StepPlan:
     index: [B, Lq] long, the positions in the step of the tokens that run through the cross-attention (each row's
     query tokens first, in order), or None when every token of the step runs (dense: Lq = L). valid: [B, Lq] bool,
     which of them really query (and whose sample has slow tokens); their update is kept, the others' multiplied
-    by 0. per_row: [B] the query count of each row. start: the step's first position in the sequence.
+    by 0. per_row: [B] the query count of each row.
     """
 
     index: torch.Tensor | None
     valid: torch.Tensor
     per_row: torch.Tensor
-    start: int | torch.Tensor
 
-    def positions(self) -> torch.Tensor:
-        """[B, Lq] the sequence positions of the planned tokens."""
-        if self.index is None:
-            length = self.valid.shape[1]
-            local = torch.arange(length, device=self.valid.device).expand_as(self.valid)
-        else:
-            local = self.index
-        return local + self.start
+    def step_positions(self) -> torch.Tensor:
+        """[B, Lq] the planned tokens' positions within the step."""
+        if self.index is not None:
+            return self.index
+        return torch.arange(self.valid.shape[1], device=self.valid.device).expand_as(self.valid)
 
 
 def step_plan(context: SlowContext, length: int, batch: int, device: torch.device) -> StepPlan | None:
@@ -327,7 +323,7 @@ def step_plan(context: SlowContext, length: int, batch: int, device: torch.devic
     has_slow = has_slow.repeat_interleave(batch // has_slow.shape[0])
     if length <= DENSE_STEP_TOKENS:
         valid = query_mask & has_slow[:, None]
-        plan = StepPlan(None, valid, valid.sum(-1), context.step_start)
+        plan = StepPlan(None, valid, valid.sum(-1))
     else:
         counts = query_mask.sum(-1)
         num_queries = int(counts.max())  # the one host sync of a long step
@@ -336,7 +332,7 @@ def step_plan(context: SlowContext, length: int, batch: int, device: torch.devic
         # Query tokens first (stable), so each row's queries are its first `counts[b]` entries.
         index = torch.argsort((~query_mask).to(torch.int8), dim=-1, stable=True)[:, :num_queries]  # [B, Lq]
         valid = (torch.arange(num_queries, device=device) < counts[:, None]) & has_slow[:, None]
-        plan = StepPlan(index, valid, counts * has_slow, context.step_start)
+        plan = StepPlan(index, valid, counts * has_slow)
     context.step_plan = plan
     return plan
 

@@ -61,7 +61,8 @@ class SlowTokens:
     Derived once here, so a decode step reads them without a host sync (and `torch.compile` sees plain fields):
     has_slow [B] bool, the sample has at least one slow token; attend_mask [B, S], the key mask with no empty row
     (empty samples' outputs are zeroed by the caller); padded, whether any row of it has a False (else attention
-    runs with no mask at all); packed_keys, the real keys of a padded batch for flash-attn's varlen kernel.
+    runs with no mask at all). The packed real keys flash-attn's varlen kernel needs are built on first use only
+    (`packed_keys()`).
     """
 
     tokens: torch.Tensor
@@ -70,7 +71,7 @@ class SlowTokens:
     has_slow: torch.Tensor = field(init=False, repr=False)
     attend_mask: torch.Tensor = field(init=False, repr=False)
     padded: bool = field(init=False, repr=False)
-    packed_keys: PackedKeys | None = field(init=False, repr=False)
+    _packed_keys: PackedKeys | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         counts = self.mask.sum(-1)
@@ -80,7 +81,13 @@ class SlowTokens:
         self.attend_mask = self.mask.clone()
         self.attend_mask[:, 0] |= ~self.has_slow
         self.padded = not bool(self.attend_mask.all())
-        self.packed_keys = PackedKeys.from_mask(self.attend_mask) if self.padded else None
+
+    def packed_keys(self) -> PackedKeys | None:
+        """The real keys of a padded batch, packed for flash-attn's varlen kernel (None when no row is padded); built
+        once, on the first flash-attn call (the eager prefill), so decode steps read a field (no host sync)."""
+        if self.padded and self._packed_keys is None:
+            self._packed_keys = PackedKeys.from_mask(self.attend_mask)
+        return self._packed_keys
 
     @property
     def kernel_mask(self) -> torch.Tensor | None:
