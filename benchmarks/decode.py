@@ -10,7 +10,12 @@ each with the dynamic cache (eager), and base and slow-fast also with the static
 step transformers compiles by itself on a GPU (`cache_implementation="static"`; on the CPU only with a
 `CompileConfig` with `surface.compile_on_every_device`), fullgraph, inductor. Compiled tokens must equal eager's.
 The base and the slow-fast model are two copies of the same random weights (wrapping one would change the hooks
-the compiled base step guards on). Variants are interleaved round by round; round 0 is warm-up (and compiles).
+the compiled base step guards on); the slow-fast gates are opened (alpha = 1) so the slow path moves the logits.
+Variants are interleaved round by round; round 0 is warm-up (and compiles).
+Every timed call is checked for its path outside the timed region (`check_path`): the base creates no slow context;
+an eager slow-fast call reads the slow tokens in every hybrid layer at every step and projects the slow K/V once
+(re-projected: at every step); a compiled call (whose steps keep no count) projects them once in its eager prefill,
+and its logits equal eager's and differ from the fast-only model's (`check_compiled_reads_slow`).
 Host syncs per decode step are counted after the timing (`host_syncs.HostSyncCounter`; under compile the
 counter's mode recompiles the step, so it runs last).
 
@@ -62,18 +67,54 @@ VARIANTS = {  # name -> (label, model, generate keywords)
     ),
     "reprojected": ("slow-fast, slow K/V re-projected every step (reference)", "reprojected", {}),
 }
-RATIOS = {  # the ratios the README quotes: slow-fast over the base with the same cache and compilation
-    "slowfast_over_base": ("slowfast", "base"),
-    "slowfast_static_over_base_static": ("slowfast_static", "base_static"),
-    "slowfast_compiled_over_base_compiled": ("slowfast_compiled", "base_compiled"),
-    "reprojected_over_base": ("reprojected", "base"),
-    "base_compiled_over_base": ("base_compiled", "base"),
+BASELINE = {  # each slow-fast variant over the base with the same cache and compilation
+    "slowfast": "base",
+    "slowfast_static": "base_static",
+    "slowfast_compiled": "base_compiled",
+    "reprojected": "base",
 }
+RATIOS = {f"{a}_over_{b}": (a, b) for a, b in [*BASELINE.items(), ("base_compiled", "base")]}
 
 
 def compile_config(backend: str) -> CompileConfig:
     config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode="default")
     return surface.compile_on_every_device(config)  # transformers compiles by itself on CUDA only
+
+
+def generate_kwargs(variant: dict, compiled: CompileConfig) -> dict:
+    """A variant's `generate` keywords, with `compiled` as its compile config where the variant compiles."""
+    kwargs = dict(variant)
+    if kwargs.pop("compiled", False):
+        kwargs["compile_config"] = compiled
+    return kwargs
+
+
+def check_path(name: str, which: str, contexts: list, *, tokens: int, layers: int) -> None:
+    """Raise unless the call took the path `name` claims (see the module docstring)."""
+    if which == "base":
+        if contexts:
+            raise RuntimeError(f"{name}: the base call created {len(contexts)} slow context(s).")
+        return
+    counted = contexts[0].counters.totals() if len(contexts) == 1 else None
+    steps = 1 if VARIANTS[name][2].get("compiled") else tokens  # compiled decode steps keep no count
+    projections = layers * steps if which == "reprojected" else layers
+    expected = {"steps": steps, "slow_reads": layers * steps, "kv_projections": projections}
+    if counted != expected:
+        raise RuntimeError(f"{name}: the call counted {counted} ({len(contexts)} contexts), expected {expected}.")
+
+
+def check_compiled_reads_slow(model, inputs: dict, compiled: CompileConfig, tokens: int) -> None:
+    """The compiled step's logits equal eager's (rounding) and differ from the fast-only model's: it read the slow
+    tokens at every step."""
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True, cache_implementation="static")  # fmt: skip
+    eager = model.generate(**inputs, **kwargs).logits
+    with_compile = model.generate(**inputs, compile_config=compiled, **kwargs).logits
+    with model.slow_path_disabled():
+        fast_only = model.generate(**inputs, **kwargs).logits
+    for step, (a, b, c) in enumerate(zip(eager, with_compile, fast_only, strict=True)):
+        if not torch.allclose(a, b, rtol=0, atol=1e-3) or torch.allclose(a, c, rtol=0, atol=1e-3):
+            raise RuntimeError(f"step {step}: compiled logits do not follow the slow path (or the slow path is idle).")
 
 
 def main() -> None:
@@ -96,6 +137,11 @@ def main() -> None:
     config = slowfast_config(args.frames // args.base_frames, args.base_frames)
     model = wrap(copy, config)
     reprojected = wrap(build_model(args.model)[0], config)
+    with torch.no_grad():  # open the gates: the slow path moves the logits (checked for the compiled step)
+        for branch, twin in zip(model.slow_branches.values(), reprojected.slow_branches.values(), strict=True):
+            branch.attn_gate.fill_(1.0)
+            twin.load_state_dict(branch.state_dict())  # the same adapter: the same tokens
+    layers = len(model.hybrid_layer_indices)
     models = {"base": base, "slowfast": model, "reprojected": reprojected}
 
     def reprojecting(which: str):  # the reference's decode: slow K/V projected again at every step
@@ -111,12 +157,12 @@ def main() -> None:
     sequences: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for round_ in range(args.rounds):
-            for name, (_, which, kwargs) in VARIANTS.items():
-                kwargs = dict(kwargs)
-                if kwargs.pop("compiled", False):
-                    kwargs["compile_config"] = compiled
-                with reprojecting(which):
-                    out, steps = timed_generate(models[which], inputs[which], args.tokens, **kwargs)
+            for name, (_, which, variant) in VARIANTS.items():
+                with reprojecting(which), inspection.recording() as contexts:
+                    out, steps = timed_generate(
+                        models[which], inputs[which], args.tokens, **generate_kwargs(variant, compiled)
+                    )
+                check_path(name, which, contexts, tokens=args.tokens, layers=layers)
                 if len(steps) != args.tokens - 1:
                     raise RuntimeError(f"{name}: {len(steps)} timed steps for {args.tokens} tokens.")
                 sequences.setdefault(name, out)
@@ -127,13 +173,14 @@ def main() -> None:
         for name, (_, which, _) in VARIANTS.items():  # compiled and static tokens equal eager's
             if not torch.equal(sequences[name], sequences["base" if which == "base" else "slowfast"]):
                 raise RuntimeError(f"{name} generated other tokens than the eager dynamic-cache run.")
+        check_compiled_reads_slow(model, inputs["slowfast"], compiled, args.tokens)
         syncs = {}
-        for name, (_, which, kwargs) in VARIANTS.items():
-            kwargs = dict(kwargs)
-            if kwargs.pop("compiled", False):
-                kwargs["compile_config"] = compile_config("eager")  # the host side only: Dynamo without inductor
+        host_side = compile_config("eager")  # the host side only: Dynamo without inductor
+        for name, (_, which, variant) in VARIANTS.items():
             with reprojecting(which):
-                syncs[name] = syncs_per_decode_step(models[which], inputs[which], tokens=10, **kwargs)
+                syncs[name] = syncs_per_decode_step(
+                    models[which], inputs[which], tokens=10, **generate_kwargs(variant, host_side)
+                )
 
     meta = wrap(flops.build_meta_model(base.config), config)
     fast = model.prepare_inputs(**inputs["slowfast"])
@@ -175,8 +222,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for name, (label, which, _) in VARIANTS.items():
-        reference = {"slowfast": "base", "slowfast_static": "base_static", "slowfast_compiled": "base_compiled",
-                     "reprojected": "base"}.get(name, name)  # fmt: skip
+        reference = BASELINE.get(name, name)
         gflop = counted["base" if which == "base" else which] / 1e9
         lines.append(
             f"| {label} | {gflop:.3f} | {medians[name] * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | "
