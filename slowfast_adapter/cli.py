@@ -146,6 +146,15 @@ def _check_model_source(name: str) -> None:
         raise CliError(f"model.name_or_path {name!r} is not a local folder, and HF_HUB_OFFLINE is set (no Hub).")
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import server
+
+    try:
+        return server.run(args)
+    except server.ServeError as err:
+        raise CliError(str(err)) from err
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .io.adapter_io import AdapterError, inspect_summary, read_adapter_config
     from .io.files import CONFIG_NAME
@@ -340,6 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     flops = commands.add_parser("flops", help="Exact FLOPs on the meta device (no weights): base model vs slow-fast.")
     _flops_arguments(flops)
     flops.set_defaults(func=_flops)
+
+    serve = commands.add_parser(
+        "serve",
+        help="An OpenAI-compatible chat-completions server for a base and its adapters (the [serve] extra).",
+        description="Serve POST /v1/chat/completions (video_url and image_url parts, streaming), GET /v1/models, "
+        "/health and /metrics on 127.0.0.1 unless --host says otherwise. See docs/guides/serving.md.",
+    )
+    from .serve.server import add_arguments as serve_arguments
+
+    serve_arguments(serve)
+    serve.set_defaults(func=_serve)
 
     args = parser.parse_args(argv)
     quiet(args.verbose)

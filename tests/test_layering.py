@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("training",)),
     ("tools", ("tools",)),
     ("demo", ("demo",)),
+    ("serving", ("serve",)),
     ("entry points", ("cli", "")),  # "": the package's own __init__ (lazy exports of the public names)
 ]
 

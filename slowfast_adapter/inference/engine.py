@@ -1,0 +1,436 @@
+"""One inference engine for every front end (the OpenAI-compatible server, the Gradio app, the lmms-eval plugin).
+
+    engine = Engine.load("path/to/base", {"default": "path/to/adapter"}, media_roots=["videos/"])
+    answer = engine.chat([{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "clip.mp4"}}, {"type": "text", "text": "What happens?"}]}])
+
+A request (`ChatJob`) is *prepared* in the caller's thread (media read within the operator's `MediaPolicy`, frames
+sampled, chat template, the stock processor's one-row inputs) and then *run* by the engine's worker thread, which owns
+the model: requests that can share a batch (same model, same decoding rule; for processors that stack videos, the
+same frame counts) run as one left-padded `generate`. Each prompt's videos are encoded once (`SlowFastModel.encode`:
+features, slow K/V and the prompt prefix's KV cache) and kept in an `EncodeCache` bounded in bytes, so a follow-up
+question about a video already seen skips the vision tower and the prefix. Text reaches the caller token by token
+through `ChatJob.on_text`; `ChatJob.cancelled` ends a request at the next step.
+
+Model ids: one per adapter (its name); with `expose_baselines`, also `base` (the untouched base at its native video
+tokens) and `<adapter>:fast-only` (fast tokens only, no cross-attention).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import StoppingCriteriaList
+
+from ..core.encoded import EncodedVideos
+from ..core.pooling import plan_fast_frames
+from ..model import SlowFastModel
+from .answers import AnswerRow, AnswerRows
+from .chat import FrameSampling, MediaRef, SamplingParams, parse_messages
+from .encode_cache import CachedVideos, EncodeCache
+from .media import MediaPolicy, RequestError, load_media, public_message
+from .video import VideoClip, VideoReadError, read_clip
+
+FAST_ONLY = ":fast-only"
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine serves; every field has a default."""
+
+    num_frames: int | None = field(
+        default=None, metadata={"help": "Frames read per video (None: what each adapter's pooling is built for)."}
+    )
+    cache_bytes: int = field(default=4 * 2**30, metadata={"help": "Bytes of encoded videos kept (0: none)."})
+    max_batch_size: int = field(default=8, metadata={"help": "Most requests run as one batch (1: one at a time)."})
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "Longest prompt + answer in tokens (None: the LLM's max_position_embeddings)."}
+    )
+    default_max_tokens: int = field(default=256, metadata={"help": "max_tokens of requests that give none."})
+    expose_baselines: bool = field(
+        default=False, metadata={"help": "Also serve `base` and `<adapter>:fast-only` (for comparisons)."}
+    )
+
+
+@dataclass
+class Completion:
+    """One finished answer: its text, why it ended ('stop', 'length', 'cancelled') and the tokens it took.
+
+    prompt_tokens counts the tokens the LLM read (fast tokens in place of the native video tokens)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cache_hit: bool = False
+
+
+@dataclass
+class ChatJob:
+    """One chat request on its way through the engine. Callbacks run on the engine's worker thread."""
+
+    model: str
+    messages: list[dict]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    frames: FrameSampling = field(default_factory=FrameSampling)
+    on_text: Callable[[str], None] | None = None
+    on_done: Callable[[ChatJob], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    # filled by `Engine.prepare`
+    adapter: str | None = None
+    mode: str = "slowfast"
+    prompt: str = ""
+    clips: list[VideoClip] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+    inputs: dict[str, Any] | None = None
+    cache_key: tuple | None = None
+    # filled by the worker
+    result: Completion | None = None
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def finish(self, result: Completion | None = None, error: Exception | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
+
+
+def frames_per_unit(model: torch.nn.Module) -> int:
+    """Frames per temporal unit of the base's video tokens (Qwen families: 2 frames per temporal patch)."""
+    base = model.base_model if isinstance(model, SlowFastModel) else model
+    return int(getattr(base.config.vision_config, "temporal_patch_size", 1) or 1)
+
+
+def default_frames(model: SlowFastModel, adapter: str | None = None) -> int:
+    """The frame count an adapter's pooling is built for: `min_fast_frames` fast frames at its strides, times the
+    base's frames per temporal unit (32 for the demo's adapter; 64 for the released s1/t4 configs)."""
+    config = model.slowfast_configs[adapter or model.active_adapter]
+    strides = config.temporal_sampling_stride * config.temporal_pooling_stride
+    return config.min_fast_frames * strides * frames_per_unit(model)
+
+
+class Engine:
+    """A `SlowFastModel` (one base, one or more adapters), its processor, an encode cache and a worker thread."""
+
+    def __init__(
+        self,
+        model: SlowFastModel,
+        processor: Any,
+        *,
+        settings: EngineSettings | None = None,
+        policy: MediaPolicy | None = None,
+    ) -> None:
+        if not isinstance(model, SlowFastModel):
+            raise TypeError(f"Engine serves a SlowFastModel (wrap or load an adapter first), got {type(model)}.")
+        self.model = model.eval()
+        self.processor = processor
+        self.settings = settings or EngineSettings()
+        self.policy = policy or MediaPolicy()
+        self.cache = EncodeCache(self.settings.cache_bytes)
+        text_config = model.family.text_config(model.base_model)
+        self.max_model_len = self.settings.max_model_len or int(text_config.max_position_embeddings)
+        generation = model.generation_config
+        eos = generation.eos_token_id if generation.eos_token_id is not None else processor.tokenizer.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos)
+        self.pad_id = generation.pad_token_id if generation.pad_token_id is not None else min(self.eos_ids)
+        video_processor = getattr(processor, "video_processor", None)
+        self.stacks_videos = "video_grid_thw" not in getattr(video_processor, "model_input_names", [])
+        self.counters = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0}
+        self._model_lock = threading.Lock()
+        self._queue: list[ChatJob] = []
+        self._wakeup = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._stopping = False
+
+    @classmethod
+    def load(
+        cls,
+        base: str | Path,
+        adapters: dict[str, str | Path],
+        *,
+        device: str | None = None,
+        dtype: str = "auto",
+        settings: EngineSettings | None = None,
+        **policy: Any,
+    ) -> Engine:
+        """Load a saved base (model + processor folder or Hub id) and each adapter under its name; `policy`: the
+        `MediaPolicy` fields (media_roots, allow_remote, max_bytes, max_frames)."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if not adapters:
+            raise ValueError("Give at least one adapter (name -> folder).")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        base_model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch_dtype).to(device).eval()
+        processor = AutoProcessor.from_pretrained(base)
+        (first, path), *rest = adapters.items()
+        model = SlowFastModel.from_pretrained(base_model, path, adapter_name=first)
+        for name, path in rest:
+            model.load_adapter(path, name)
+        model.set_adapter(first)
+        return cls(model, processor, settings=settings, policy=MediaPolicy(**policy))
+
+    # ------------------------------------------------------------------------------------------- models
+    @property
+    def model_ids(self) -> list[str]:
+        adapters = list(self.model.slowfast_adapters)
+        if not self.settings.expose_baselines:
+            return adapters
+        return [*adapters, *(name + FAST_ONLY for name in adapters), BASE]
+
+    def _resolve(self, model_id: str) -> tuple[str | None, str]:
+        """(adapter, mode) of a model id; unknown ids get a 404 that lists the served ones."""
+        if model_id not in self.model_ids:
+            raise RequestError(f"The model {model_id!r} does not exist here; served: {self.model_ids}.", status=404,
+                               code="model_not_found", param="model")  # fmt: skip
+        if model_id == BASE:
+            return None, "base"
+        if model_id.endswith(FAST_ONLY):
+            return model_id[: -len(FAST_ONLY)], "fast_only"
+        return model_id, "slowfast"
+
+    def _mode(self, mode: str):
+        return {"base": self.model.disable_adapter, "fast_only": self.model.slow_path_disabled}.get(mode, nullcontext)
+
+    # ------------------------------------------------------------------------------------------- preparing
+    def _read_settings(self, adapter: str | None, frames: FrameSampling) -> dict[str, Any]:
+        """`read_clip` arguments for a request's frame settings, checked against the limits and the strides."""
+        adapter = adapter or self.model.active_adapter
+        config = self.model.slowfast_configs[adapter]
+        per_unit = frames_per_unit(self.model)
+        limit = self.policy.max_frames
+        if frames.fps is not None:
+            if frames.fps <= 0:
+                raise RequestError(f"fps must be > 0, got {frames.fps}.", param="mm_processor_kwargs")
+            multiple = per_unit * config.temporal_sampling_stride * config.temporal_pooling_stride
+            cap = min(frames.max_frames or limit, limit)
+            return {"fps": frames.fps, "max_frames": cap, "multiple": multiple}
+        count = frames.num_frames or self.settings.num_frames or default_frames(self.model, adapter)
+        if not 1 <= count <= limit:
+            raise RequestError(f"num_frames must be in [1, {limit}] (this server's limit), got {count}.",
+                               param="mm_processor_kwargs")  # fmt: skip
+        if count % per_unit:
+            raise RequestError(f"num_frames must be a multiple of {per_unit} (the base's frames per temporal patch), "
+                               f"got {count}.", param="mm_processor_kwargs")  # fmt: skip
+        try:
+            plan_fast_frames(count // per_unit, config)
+        except ValueError as err:
+            raise RequestError(str(err), param="mm_processor_kwargs") from err
+        return {"num_frames": count}
+
+    def prepare(self, job: ChatJob) -> ChatJob:
+        """Read `job`'s media and build its prompt and one-row inputs (in the caller's thread); `RequestError`s name
+        what is wrong with the request."""
+        job.adapter, job.mode = self._resolve(job.model)
+        conversation, refs = parse_messages(job.messages)
+        reading = self._read_settings(job.adapter, job.frames)
+        with ExitStack() as stack:
+            media = [stack.enter_context(load_media(ref.url, ref.kind, self.policy, param=ref.param)) for ref in refs]
+            videos = [(ref, item) for ref, item in zip(refs, media, strict=True) if ref.kind == "video"]
+            if videos and job.mode != "base":
+                digests = tuple(item.digest for _, item in videos)
+                job.cache_key = (job.adapter, job.mode, tuple(sorted(reading.items())), digests)
+                cached = self.cache.peek(job.cache_key)
+            else:
+                cached = None
+            job.clips = cached.clips if cached else [self._clip(ref, item, reading) for ref, item in videos]
+            job.images = [self._image(ref, item) for ref, item in zip(refs, media, strict=True) if ref.kind == "image"]
+        job.prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        job.inputs = self.inputs([job])
+        return job
+
+    def _clip(self, ref: MediaRef, media, reading: dict[str, Any]) -> VideoClip:
+        try:
+            return read_clip(media.path, **reading)
+        except (VideoReadError, ValueError, OSError) as err:
+            raise RequestError(f"Cannot read {media.label} as a video: {public_message(err, media)}",
+                               code="invalid_video", param=ref.param) from err  # fmt: skip
+
+    def _image(self, ref: MediaRef, media):
+        from PIL import Image
+
+        try:
+            with Image.open(media.path) as image:
+                return image.convert("RGB")
+        except Exception as err:  # PIL raises several types for files that are not images
+            raise RequestError(f"Cannot read {media.label} as an image.", code="invalid_image",
+                               param=ref.param) from err  # fmt: skip
+
+    def inputs(self, jobs: Sequence[ChatJob]) -> dict[str, Any]:
+        """The stock processor's left-padded batch for prepared jobs (every frame read is kept)."""
+        kwargs: dict[str, Any] = {}
+        clips = [clip for job in jobs for clip in job.clips]
+        images = [image for job in jobs for image in job.images]
+        if clips:
+            kwargs.update(videos=[c.frames for c in clips], video_metadata=[c.metadata() for c in clips],
+                          do_sample_frames=False)  # fmt: skip
+        if images:
+            kwargs["images"] = images
+        texts = [job.prompt for job in jobs]
+        inputs = self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
+        inputs.pop("token_type_ids", None)
+        return dict(inputs.to(self.model.device))
+
+    # ------------------------------------------------------------------------------------------- running
+    def batch_key(self, job: ChatJob) -> tuple | None:
+        """Jobs with equal keys may run as one batch; None: this job runs alone."""
+        sampling = job.sampling.batch_key()
+        if sampling is None or self.settings.max_batch_size < 2:
+            return None
+        frames = tuple(len(clip.frames) for clip in job.clips) if self.stacks_videos else ()
+        return (job.model, sampling, frames, bool(job.images))
+
+    def run_batch(self, jobs: Sequence[ChatJob]) -> None:
+        """Run prepared jobs now (in this thread), in batches of compatible jobs; each job is finished (result or
+        error) when this returns."""
+        groups: dict[Any, list[ChatJob]] = {}
+        for job in jobs:
+            key = self.batch_key(job)
+            groups.setdefault(key if key is not None else id(job), []).append(job)
+        size = max(1, self.settings.max_batch_size)
+        for group in groups.values():
+            for start in range(0, len(group), size):
+                self._run_group(group[start : start + size])
+
+    def _run_group(self, jobs: list[ChatJob]) -> None:
+        ready = []
+        with self._model_lock:
+            for job in jobs:
+                if job.cancelled.is_set():
+                    job.finish(Completion("", "cancelled", 0, 0))
+                    continue
+                try:
+                    ready.append((job, *self._encode(job)))
+                except Exception as err:  # a job's own error (e.g. over the context) ends only that job
+                    self._fail(job, err)
+            if not ready:
+                return
+            try:
+                rows = self._generate([job for job, *_ in ready], [entry for _, entry, _, _ in ready])
+            except Exception as err:
+                for job, *_ in ready:
+                    self._fail(job, err)
+                return
+        self.counters["batches"] += 1
+        for (job, _, prompt_tokens, hit), row in zip(ready, rows, strict=True):
+            self.counters["requests"] += 1
+            self.counters["prompt_tokens"] += prompt_tokens
+            self.counters["completion_tokens"] += len(row.tokens)
+            job.finish(Completion(row.text, row.finish_reason or "length", prompt_tokens, len(row.tokens), hit))
+
+    def _fail(self, job: ChatJob, error: Exception) -> None:
+        self.counters["errors"] += 1
+        job.finish(error=error)
+
+    def _encode(self, job: ChatJob) -> tuple[CachedVideos | None, int, bool]:
+        """The job's cached videos (encoded now if new), the fitted prompt length, and whether they were cached."""
+        if job.adapter is not None and self.model.active_adapter != job.adapter:
+            self.model.set_adapter(job.adapter)
+        entry, hit = None, False
+        if job.cache_key is not None:
+            entry = self.cache.get(job.cache_key)
+            hit = entry is not None and entry.encoded is not None
+            if not hit:
+                entry = CachedVideos(job.clips)
+                with self._mode(job.mode)():
+                    entry.encoded = self.model.encode(**job.inputs)
+            self.cache.put(job.cache_key, entry)
+        if job.mode == "base":
+            length = job.inputs["input_ids"].shape[1]
+        else:
+            encoded = entry.encoded if entry is not None else None
+            length = self.model.prepare_inputs(**job.inputs, encoded=encoded).input_ids.shape[1]
+        if length + job.sampling.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"This model's context is {self.max_model_len} tokens; the prompt takes {length} and max_tokens asks "
+                f"for {job.sampling.max_tokens} more. Ask for fewer frames or tokens.",
+                code="context_length_exceeded", param="messages",
+            )  # fmt: skip
+        return entry, length, hit
+
+    def _generate(self, jobs: list[ChatJob], entries: list[CachedVideos | None]) -> list[AnswerRow]:
+        first = jobs[0]
+        tokenizer = self.processor.tokenizer
+        rows = [AnswerRow(tokenizer, self.eos_ids, job.sampling.max_tokens, job.sampling.stop, job.on_text,
+                          job.cancelled) for job in jobs]  # fmt: skip
+        inputs = first.inputs if len(jobs) == 1 else self.inputs(jobs)
+        encoded = _merged([e.encoded for e in entries if e is not None and e.encoded is not None])
+        sampling = first.sampling
+        kwargs: dict[str, Any] = {"max_new_tokens": max(job.sampling.max_tokens for job in jobs),
+                                  "stopping_criteria": StoppingCriteriaList([AnswerRows(rows)]),
+                                  "pad_token_id": self.pad_id, "do_sample": not sampling.greedy}  # fmt: skip
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        seeded = sampling.seed is not None and not sampling.greedy
+        devices = [self.model.device] if seeded and self.model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=seeded), self._mode(first.mode)():
+            if seeded:
+                torch.manual_seed(sampling.seed)
+            self.model.generate(**inputs, encoded=encoded, **kwargs)
+        return rows
+
+    # ------------------------------------------------------------------------------------------- the worker
+    def submit(self, job: ChatJob) -> ChatJob:
+        """Queue a prepared job for the worker thread (started on first use); returns it (wait on `job.done`)."""
+        with self._wakeup:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="slowfast-engine", daemon=True)
+                self._worker.start()
+            self._queue.append(job)
+            self._wakeup.notify()
+        return job
+
+    def _work(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._queue and not self._stopping:
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+                key = self.batch_key(self._queue[0])
+                size = max(1, self.settings.max_batch_size)
+                batch = [self._queue[0]] if key is None else [j for j in self._queue if self.batch_key(j) == key]
+                batch = batch[:size]
+                self._queue = [j for j in self._queue if all(j is not b for b in batch)]
+            self._run_group(batch)
+
+    def close(self) -> None:
+        """Stop the worker thread after the batch it is running; queued jobs are not run."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+
+    def chat(self, messages: list[dict], *, model: str | None = None, **options: Any) -> Completion:
+        """Answer one chat request and wait for it (through the worker); `options`: `sampling` (`SamplingParams`),
+        `frames` (`FrameSampling`), `on_text`. Raises what the request failed with."""
+        job = ChatJob(model or self.model_ids[0], messages, **options)
+        self.submit(self.prepare(job)).done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+
+def _merged(caches: list[EncodedVideos]) -> EncodedVideos | None:
+    """One `EncodedVideos` holding the videos and slow K/V of `caches` (the same model and projector), for a batch
+    whose prompts' videos were encoded separately. Prompt prefixes are one-row only and are left out."""
+    if len(caches) <= 1:
+        return caches[0] if caches else None
+    merged = EncodedVideos(owner=caches[0].owner, projector=caches[0].projector)
+    for cache in caches:
+        merged.videos.update(cache.videos)
+        merged.slow_kv.update(cache.slow_kv)
+    return merged
