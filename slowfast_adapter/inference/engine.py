@@ -18,6 +18,7 @@ tokens) and `<adapter>:fast-only` (fast tokens only, no cross-attention).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import StoppingCriteriaList
 
@@ -245,8 +247,31 @@ class Engine:
                 cached = self.cache.peek(job.cache_key)
             else:
                 cached = None
-            job.clips = cached.clips if cached else [self._clip(ref, item, reading) for ref, item in videos]
-            job.images = [self._image(ref, item) for ref, item in zip(refs, media, strict=True) if ref.kind == "image"]
+            clips = cached.clips if cached else [self._clip(ref, item, reading) for ref, item in videos]
+            images = [self._image(ref, item) for ref, item in zip(refs, media, strict=True) if ref.kind == "image"]
+        return self._prepared(job, conversation, clips, images)
+
+    def prepare_read(
+        self,
+        job: ChatJob,
+        conversation: list[dict],
+        *,
+        clips: Sequence[VideoClip] = (),
+        images: Sequence[Any] = (),
+        video_keys: Sequence[str] | None = None,
+    ) -> ChatJob:
+        """Prepare `job` from a chat-template `conversation` (`{"type": "video"}` / `{"type": "image"}` parts) and
+        the frames and PIL images it shows, already read in this process (the Gradio app, the lmms-eval plugin; no
+        `MediaPolicy` applies). video_keys: each clip's identity for the encode cache (e.g. a digest of its file and
+        sampling); default: a digest of its frames."""
+        job.adapter, job.mode = self._resolve(job.model)
+        if clips and job.mode != "base":
+            keys = video_keys or [frames_digest(clip) for clip in clips]
+            job.cache_key = (job.adapter, job.mode, "read", tuple(keys))
+        return self._prepared(job, conversation, list(clips), list(images))
+
+    def _prepared(self, job: ChatJob, conversation: list[dict], clips: list[VideoClip], images: list) -> ChatJob:
+        job.clips, job.images = clips, images
         job.prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         job.inputs = self.inputs([job])
         return job
@@ -422,6 +447,13 @@ class Engine:
         if job.error is not None:
             raise job.error
         return job.result
+
+
+def frames_digest(clip: VideoClip) -> str:
+    """A BLAKE2 digest of a clip's frames (shape and pixels)."""
+    digest = hashlib.blake2b(str(clip.frames.shape).encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(clip.frames).data)
+    return digest.hexdigest()
 
 
 def _merged(caches: list[EncodedVideos]) -> EncodedVideos | None:
