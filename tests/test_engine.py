@@ -1,0 +1,146 @@
+"""The inference engine without HTTP: answers equal `generate` on every family, batches equal one by one, and its
+parts (per-row stop strings and streaming, the encode cache's byte bound, the media policy) on constructed inputs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from serving import FRAMES, QUESTIONS, Reference, build_served, messages
+
+from slowfast_adapter.inference.answers import AnswerRow
+from slowfast_adapter.inference.chat import SamplingParams
+from slowfast_adapter.inference.encode_cache import CachedVideos, EncodeCache
+from slowfast_adapter.inference.engine import ChatJob, Engine, EngineSettings
+from slowfast_adapter.inference.media import MediaPolicy, RequestError, load_media
+from slowfast_adapter.inference.video import VideoClip
+
+FAMILIES = ["llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_served(request, tmp_path_factory):
+    served = build_served(tmp_path_factory.mktemp(request.param), request.param, num_videos=2)
+    engine = Engine.load(served.base, {"alpha": served.adapters["alpha"]}, media_roots=[served.videos],
+                         settings=EngineSettings(num_frames=FRAMES, expose_baselines=True))  # fmt: skip
+    yield served, engine
+    engine.close()
+
+
+def test_answers_equal_generate_and_batches_equal_one_by_one(family_served):
+    served, engine = family_served
+    reference = Reference(served, "alpha")
+    cases = [(video, question) for video in served.names for question in QUESTIONS[:2]]
+    expected = [reference.tokens(*case) for case in cases]
+    alone = [engine.chat(messages(*case), sampling=SamplingParams(max_tokens=8)) for case in cases]
+    for answer, (tokens, prompt_length) in zip(alone, expected, strict=True):
+        assert answer.text == reference.processor.decode(tokens, skip_special_tokens=True)
+        assert (answer.completion_tokens, answer.prompt_tokens) == (len(tokens), prompt_length)
+    jobs = [engine.prepare(ChatJob("alpha", messages(*case), SamplingParams(max_tokens=8))) for case in cases]
+    batches = engine.counters["batches"]
+    engine.run_batch(jobs)  # one left-padded batch of 4 (two per video), all videos already encoded
+    assert engine.counters["batches"] == batches + 1
+    assert [job.result.text for job in jobs] == [answer.text for answer in alone]
+    assert all(job.result.cache_hit for job in jobs)
+
+
+def test_baseline_modes_equal_the_model_in_those_modes(family_served):
+    served, engine = family_served
+    reference = Reference(served, "alpha")
+    case = (served.names[0], QUESTIONS[0])
+    with reference.model.slow_path_disabled():
+        fast_only = reference.text(*case)
+    with reference.model.disable_adapter():
+        base = reference.text(*case)
+    assert (
+        engine.chat(messages(*case), model="alpha:fast-only", sampling=SamplingParams(max_tokens=8)).text == fast_only
+    )
+    assert engine.chat(messages(*case), model="base", sampling=SamplingParams(max_tokens=8)).text == base
+
+
+class CharTokenizer:
+    """One character per token id (ord); 0 ends the text."""
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return "".join(chr(t) for t in tokens if t != 0)
+
+
+def follow(text: str, stop=(), max_tokens=100, end=True) -> tuple[AnswerRow, list[str]]:
+    pieces: list[str] = []
+    row = AnswerRow(CharTokenizer(), frozenset({0}), max_tokens, tuple(stop), pieces.append)
+    for token in [*map(ord, text), *([0] if end else [])]:
+        row.add(token)
+    return row, pieces
+
+
+def test_answer_rows_cut_at_the_first_stop_string_and_never_stream_a_partial_one():
+    row, pieces = follow("Hello. END of it", stop=["END", "of"])
+    assert (row.text, row.finish_reason, "".join(pieces)) == ("Hello. ", "stop", "Hello. ")
+    assert len(row.tokens) == len("Hello. END")  # ended at the step that completed the stop string
+    row, pieces = follow("say EN then ENOUGH", stop=["END"])  # "EN" held back until it cannot start "END"
+    assert "".join(pieces) == row.text == "say EN then ENOUGH" and row.finish_reason == "stop"
+    assert all(not piece.endswith("E") and not piece.endswith("EN") for piece in pieces[:-1])
+    row, pieces = follow("abcdef", max_tokens=3, end=False)
+    assert (row.text, row.finish_reason, pieces) == ("abc", "length", ["a", "b", "c"])
+    row, _ = follow("abc", end=False)
+    row.cancel_now()
+    row.add(ord("d"))
+    assert (row.text, row.finish_reason) == ("abc", "cancelled")
+
+
+def clip(nbytes: int) -> VideoClip:
+    return VideoClip(np.zeros((1, 1, nbytes, 1), np.uint8), np.zeros(1, np.int64), 1.0, 1, "test")
+
+
+def test_encode_cache_keeps_most_recent_entries_within_its_byte_bound():
+    cache = EncodeCache(max_bytes=250)
+    for key in "abc":
+        cache.put(key, CachedVideos([clip(100)]))
+    assert cache.peek("a") is None and cache.nbytes == 200 and cache.stats["evictions"] == 1
+    assert cache.get("b") is not None  # b is now the most recent
+    cache.put("d", CachedVideos([clip(100)]))
+    assert cache.peek("c") is None and cache.peek("b") is not None
+    cache.put("e", CachedVideos([clip(300)]))  # larger than the bound: nothing is kept
+    assert len(cache) == 0 and cache.nbytes == 0
+    assert cache.stats == {"hits": 1, "misses": 0, "evictions": 5}  # a, c, then b, d and e itself
+
+
+def test_media_policy_keeps_local_files_inside_its_roots(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    (root / "in.mp4").write_bytes(b"video")
+    (outside / "secret.mp4").write_bytes(b"secret")
+    os.symlink(outside / "secret.mp4", root / "link.mp4")
+    policy = MediaPolicy(media_roots=(root,), max_bytes=10)
+    with load_media("in.mp4", "video", policy) as media:
+        assert media.path == (root / "in.mp4").resolve()
+    with load_media(f"file://{root / 'in.mp4'}", "video", policy) as media:
+        assert media.path.read_bytes() == b"video"
+    for url in ["link.mp4", "../outside/secret.mp4", str(outside / "secret.mp4"), "/etc/passwd"]:
+        with pytest.raises(RequestError, match="no such file") as error, load_media(url, "video", policy):
+            pass
+        assert error.value.status == 404  # and the message names the file only as the client did:
+        assert str(outside) not in str(error.value).replace(url, "<sent>")
+    with pytest.raises(RequestError, match="reads no local files"), load_media("in.mp4", "video", MediaPolicy()):
+        pass
+    (root / "big.mp4").write_bytes(bytes(11))
+    with pytest.raises(RequestError, match="limit") as error, load_media("big.mp4", "video", policy):
+        pass
+    assert error.value.status == 413
+    with load_media("data:video/mp4;base64,dmlkZW8=", "video", policy) as media:
+        assert media.path.read_bytes() == b"video" and str(tmp_path) not in str(media.path)
+        temporary = media.path
+    assert not temporary.exists()  # a data: URL's bytes are removed once read
+    with pytest.raises(RequestError, match="malformed"), load_media("data:video/mp4;base64,%%%", "video", policy):
+        pass
+
+
+def test_seeded_requests_run_alone_and_greedy_ones_share_batches(family_served):
+    _, engine = family_served
+    greedy = ChatJob("alpha", [], SamplingParams())
+    seeded = ChatJob("alpha", [], SamplingParams(temperature=1.0, seed=3))
+    unseeded = ChatJob("alpha", [], SamplingParams(temperature=1.0))
+    assert engine.batch_key(seeded) is None
+    assert engine.batch_key(greedy) == engine.batch_key(ChatJob("alpha", [], SamplingParams(max_tokens=3)))
+    assert engine.batch_key(unseeded) != engine.batch_key(greedy)
