@@ -108,8 +108,8 @@ class EncodedVideos:
 class PromptPrefix:
     """The LLM's KV cache over a prompt's first tokens, up to and including its last visual token.
 
-    cache: the `transformers.Cache` after the prefix (copied for every use); parameters: the model's parameters
-    state when it was computed (`parameters_state`)."""
+    cache: the `transformers.Cache` after the prefix (copied for every use); parameters: what it was computed with
+    (`prefix_state`: the active adapter and every parameter's state)."""
 
     cache: Any
     parameters: tuple
@@ -126,6 +126,12 @@ def prepared_videos(prepared: PreparedInputs) -> tuple[str, ...] | None:
 def parameters_state(module: torch.nn.Module) -> tuple:
     """Every parameter's identity and in-place version counter: changes when anything is trained or loaded."""
     return _parameters_state(list(module.parameters()))
+
+
+def prefix_state(model: nn.Module) -> tuple:
+    """What a prompt prefix's KV cache depends on: the active adapter (`set_adapter` changes which hybrid layers and
+    LoRA run, not the parameters) and every parameter's state."""
+    return (model.active_adapter, parameters_state(model))
 
 
 PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "token_type_ids")
@@ -193,7 +199,7 @@ def _encode_prompt(model: nn.Module, inputs: dict[str, Any], encoded: EncodedVid
     with state.activated(context):
         output = model.base_model(**prefix_inputs(prepared.model_inputs, length), use_cache=True, logits_to_keep=1)
     key = (tuple(prepared.input_ids[0, :length].tolist()), videos)
-    encoded.prefixes[key] = PromptPrefix(surface.output_cache(output), parameters_state(model))
+    encoded.prefixes[key] = PromptPrefix(surface.output_cache(output), prefix_state(model))
 
 
 def generate_inputs(
@@ -204,7 +210,7 @@ def generate_inputs(
     model_inputs = prepared.model_inputs
     if encoded is None or context is None or context.frame_attention is not None:  # maps cover every token
         return model_inputs
-    prefix = encoded.prefix_for(prepared, prepared_videos(prepared), parameters_state(model))
+    prefix = encoded.prefix_for(prepared, prepared_videos(prepared), prefix_state(model))
     if prefix is None:
         return model_inputs
     encoded.stats["prefix_hits"] += 1
