@@ -144,3 +144,25 @@ def test_seeded_requests_run_alone_and_greedy_ones_share_batches(family_served):
     assert engine.batch_key(seeded) is None
     assert engine.batch_key(greedy) == engine.batch_key(ChatJob("alpha", [], SamplingParams(max_tokens=3)))
     assert engine.batch_key(unseeded) != engine.batch_key(greedy)
+
+
+def test_close_ends_queued_jobs_with_a_503_and_finishes_the_running_one(tmp_path):
+    import threading
+    import time
+
+    served = build_served(tmp_path, num_videos=1)
+    engine = Engine.load(served.base, {"alpha": served.adapters["alpha"]}, media_roots=[served.videos],
+                         settings=EngineSettings(num_frames=FRAMES, max_batch_size=1))  # fmt: skip
+    first, second = (engine.prepare(ChatJob("alpha", messages(served.names[0], q))) for q in QUESTIONS[:2])
+    with engine._model_lock:  # the worker takes the first job and waits here for the model
+        engine.submit(first)
+        while engine._queue:
+            time.sleep(0.01)
+        engine.submit(second)
+        closing = threading.Thread(target=engine.close)
+        closing.start()
+        assert second.done.wait(10) and second.error.status == 503
+    closing.join(30)
+    assert first.result.text and first.error is None
+    with pytest.raises(RequestError, match="shutting down"):
+        engine.submit(engine.prepare(ChatJob("alpha", messages(served.names[0], "Again?"))))

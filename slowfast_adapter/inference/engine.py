@@ -348,15 +348,16 @@ class Engine:
                 for job, *_ in ready:
                     self._fail(job, err)
                 return
-        self.counters["batches"] += 1
+            self.counters["batches"] += 1
+            for (_, _, prompt_tokens, _), row in zip(ready, rows, strict=True):
+                self.counters["requests"] += 1
+                self.counters["prompt_tokens"] += prompt_tokens
+                self.counters["completion_tokens"] += len(row.tokens)
         for (job, _, prompt_tokens, hit), row in zip(ready, rows, strict=True):
-            self.counters["requests"] += 1
-            self.counters["prompt_tokens"] += prompt_tokens
-            self.counters["completion_tokens"] += len(row.tokens)
             job.finish(Completion(row.text, row.finish_reason or "length", prompt_tokens, len(row.tokens), hit))
 
     def _fail(self, job: ChatJob, error: Exception) -> None:
-        self.counters["errors"] += 1
+        self.counters["errors"] += 1  # (under the model lock, or at close)
         job.finish(error=error)
 
     def _encode(self, job: ChatJob) -> tuple[CachedVideos | None, int, bool]:
@@ -410,6 +411,8 @@ class Engine:
     def submit(self, job: ChatJob) -> ChatJob:
         """Queue a prepared job for the worker thread (started on first use); returns it (wait on `job.done`)."""
         with self._wakeup:
+            if self._stopping:
+                raise RequestError("The server is shutting down; try again.", status=503, code="shutting_down")
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="slowfast-engine", daemon=True)
                 self._worker.start()
@@ -432,10 +435,13 @@ class Engine:
             self._run_group(batch)
 
     def close(self) -> None:
-        """Stop the worker thread after the batch it is running; queued jobs are not run."""
+        """Stop the worker thread after the batch it is running; queued jobs end with a 503 error."""
         with self._wakeup:
             self._stopping = True
+            queued, self._queue = self._queue, []
             self._wakeup.notify_all()
+        for job in queued:
+            self._fail(job, RequestError("The server is shutting down; try again.", status=503, code="shutting_down"))
         if self._worker is not None:
             self._worker.join()
 
