@@ -283,3 +283,26 @@ def test_prometheus_text_is_well_formed(server):
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert samples and all(len(line.rsplit(" ", 1)) == 2 and float(line.rsplit(" ", 1)[1]) >= 0 for line in samples)
     assert json.dumps(text)  # plain text, no binary
+
+
+def test_an_image_url_answers_like_generate_on_that_image(server, references, tmp_path):
+    from PIL import Image
+
+    from slowfast_adapter.tools.tiny import random_video
+
+    path = tmp_path / "frame.png"
+    Image.fromarray(random_video(1, size=40, seed=5)[0]).save(path)
+    content = [{"type": "image_url", "image_url": {"url": data_url(path, "image/png")}},
+               {"type": "text", "text": "What is in the picture?"}]  # fmt: skip
+    answer = server.client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": content}],
+                                                   temperature=0, max_tokens=8)  # fmt: skip
+    reference = references["alpha"]
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}
+    ]
+    prompt = reference.processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = reference.processor(text=[prompt], images=[Image.open(path).convert("RGB")], return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    output = reference.model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    expected = reference.processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert answer.choices[0].message.content == expected
