@@ -1,5 +1,6 @@
 """`slowfast-adapter serve`: load a base and its adapters into an `Engine`, serve the OpenAI-compatible app.
 
+Importing this module is cheap (the CLI builds its parser from it): torch and the engine load only in `run`.
 One process by default (uvicorn on 127.0.0.1); `--ray` runs the same app as a Ray Serve deployment with replicas
 (`serve/ray_app.py`). Every argument is checked before anything is loaded.
 """
@@ -9,8 +10,6 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-
-from ..inference.engine import Engine, EngineSettings
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -75,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_arguments(args: argparse.Namespace) -> dict:
     """`Engine.load` keyword arguments from parsed `serve` arguments, checked."""
+    from ..inference.engine import EngineSettings  # (the CLI's other commands do not import torch for this module)
+
     for name in ("port", "max_frames", "max_batch_size", "max_tokens", "num_frames", "max_model_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     import uvicorn
 
+    from ..inference.engine import Engine
     from .app import create_app
 
     load = engine_arguments(args)
