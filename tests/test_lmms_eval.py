@@ -329,9 +329,9 @@ class Request:  # what the plugin reads from lmms-eval's `Instance`
 
 
 def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
-    """Each family, fps sampling: batched answers equal one by one and the stock processor + `generate`; a video
-    asked twice is decoded once per batch; still frames run as one video; loglikelihood equals the stock forward's
-    log-probabilities."""
+    """Each family, fps sampling: batched answers equal one by one and the stock processor + `generate` (beam search
+    too); a video asked twice is decoded and encoded once, and the engine keeps it for later requests; still frames
+    run as one video; loglikelihood equals the stock forward's log-probabilities."""
     base = AutoModelForImageTextToText.from_pretrained(tiny_dir)
     model = wrap(base, SlowFastConfig(min_fast_frames=2, hybrid_layer_interval=2))
     open_gates(model)  # the slow path changes the answers
@@ -348,21 +348,22 @@ def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
     requests = [
         Request(d["question"], dict(gen), lambda doc: [doc["video"]], i, "t", "test") for i, d in enumerate(docs)
     ]
-    encodes = []
-    monkeypatch.setattr(lmm, "_encode", lambda inputs, **kw: encodes.append(plugin_model.SlowFastLMM._encode(
-        lmm, inputs, **kw)) or encodes[-1])  # fmt: skip
+    encodes, tower = [], []  # what the engine encoded (one `EncodedVideos` per prompt's videos); vision tower calls
+    encode = lmm.engine.model.encode
+    monkeypatch.setattr(lmm.engine.model, "encode", lambda **kw: encodes.append(encode(**kw)) or encodes[-1])
+    inner = lmm.model.base_model.model
+    vision = getattr(inner, "vision_tower", None) or inner.visual
+    vision.register_forward_hook(lambda *_: tower.append(1))
     batched = lmm.generate_until(requests)
     assert len(reads) == 3  # video 0 asked twice, decoded once
-    (encoded,) = encodes  # ... and encoded once: 3 videos through the tower (video 0's repeat is a hit), and
-    assert encoded.stats == {
-        "hits": 1 + 4,
-        "misses": 3,
-        "prefix_hits": 0,
-    }  # generate took all 4 rows' videos from the cache
+    assert len(encodes) == len(tower) == 3  # ... and encoded once: 3 videos through the tower, and
+    assert lmm.engine.cache.stats == {"hits": 1, "misses": 3, "evictions": 0}  # video 0's repeat is a hit
+    assert [e.stats["misses"] for e in encodes] == [1, 1, 1]  # (the batch's generate ran no tower: it used them)
     lmm.batch_size = 1
     assert lmm.generate_until(requests) == batched
-    # One question per batch, sorted by video: video 0's second question continued the first one's prompt prefix.
-    assert [e.stats["prefix_hits"] for e in encodes[1:]] == [2, 1, 1]
+    assert len(reads) == len(encodes) == len(tower) == 3  # the engine kept all three videos between calls
+    # One question per batch, sorted by video: each continued its video's cached prompt prefix (video 0's two).
+    assert [e.stats["prefix_hits"] for e in encodes] == [2, 1, 1]
     frames = [Image.fromarray(frame) for frame in random_video(8, seed=5)]  # MVBench-style frame folder
     (answer,) = lmm.generate_until([Request("What is it?", dict(gen), lambda doc: frames, 0, "t", "test")])
     assert isinstance(answer, str)
@@ -397,8 +398,15 @@ def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
     output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert batched[0] == processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
+    beams = {**gen, "num_beams": 2}  # the engine's beam search (one request at a time)
+    (beamed,) = lmm.generate_until([Request(docs[0]["question"], beams, lambda doc: [doc["video"]], 0, "t", "test")])
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=2)
+    text = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert beamed == text.split("\n\n")[0].strip()
+
     continuation = " red"
     requests = [Request(docs[0]["question"], continuation, lambda doc: [doc["video"]], i, "t", "test") for i in (0, 2)]
+    encoded, uses, read = len(encodes), encodes[0].stats["hits"], len(reads)
     (loss, greedy), _ = lmm.continuation_losses(requests)
     # what lmms-eval's evaluator makes of loglikelihood's results (api/instance.py) is exactly these pairs
     assert [unwrap_generation_output(r)[0] for r in lmm.loglikelihood(requests)] == [(loss, greedy), _]
@@ -408,6 +416,6 @@ def test_plugin_in_process_every_family(tiny_dir, tmp_path, monkeypatch):
         logits = torch.log_softmax(model(**full).logits[0, -count - 1 : -1].float(), dim=-1)
     target = full["input_ids"][0, -count:]
     assert loss == pytest.approx(-float(logits.gather(-1, target[:, None]).mean()), abs=1e-5)  # mean NLL
-    one_encoding = {"hits": 2, "misses": 1, "prefix_hits": 0}  # both continuations' forwards reused one encoding
-    assert encodes[-2].stats == encodes[-1].stats == one_encoding  # (continuation_losses, then loglikelihood)
+    # both calls' forwards reused video 0's encoding from generate_until: not read or encoded again
+    assert (len(encodes), len(reads), encodes[0].stats["hits"]) == (encoded, read, uses + 4)
     assert greedy == bool((logits.argmax(-1) == target).all())

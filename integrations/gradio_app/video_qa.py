@@ -1,17 +1,17 @@
 """The demo's model side, without any UI: load a base + slow-fast adapter, read a video once, answer questions.
 
 `VideoQA.ask(path, question)` answers twice, with the slow path (slow-fast) and without it (fast tokens only), and
-says how much each frame's slow tokens were read for the answer. Each video is read and encoded once
-(`SlowFastModel.encode`) and kept in a small LRU cache keyed by a digest of the file's bytes, so follow-up
-questions on the same video reuse its features and slow K/V (not the prompt's KV cache: the map covers the whole
-prompt, so `where_it_looked` runs it).
+says how much each frame's slow tokens were read for the answer. It runs on the library's inference engine
+(`slowfast_adapter.inference.engine.Engine`, as the server and the lmms-eval plugin do): the engine builds the
+prompt and inputs, keeps each video's frames and encoding (`SlowFastModel.encode`: features and slow K/V) in its
+encode cache (an LRU bounded in bytes) keyed by a digest of the file's bytes, and generates the fast-only answer.
+The slow-fast answer comes with its per-frame map from `where_it_looked`, called on the engine's inputs and cached
+encoding; it runs the whole prompt to map it, so videos are encoded without a prompt prefix.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,17 @@ import torch
 
 import slowfast_adapter as sfa
 from slowfast_adapter.core.pooling import plan_fast_frames
+from slowfast_adapter.inference.chat import SamplingParams
+from slowfast_adapter.inference.encode_cache import CachedVideos
+from slowfast_adapter.inference.engine import (
+    FAST_ONLY,
+    ChatJob,
+    Engine,
+    EngineSettings,
+    default_frames,
+    frames_per_unit,
+)
+from slowfast_adapter.inference.media import file_digest
 from slowfast_adapter.inference.video import VideoClip, read_clip
 
 DEMO_QUESTION = "What color is the square?"  # the needle videos' question (slowfast_adapter/demo/needle_data.py)
@@ -50,12 +61,6 @@ class Answer:
     stats: dict[str, int]  # the video's `EncodedVideos.stats` after this question
 
 
-@dataclass
-class _Video:
-    clip: VideoClip
-    encoded: sfa.EncodedVideos | None = None
-
-
 def where_it_looked(
     model: sfa.SlowFastModel, inputs: dict[str, Any], *, encoded, max_new_tokens: int, timestamps: np.ndarray
 ) -> tuple[torch.Tensor, list[float], list[float]]:
@@ -70,26 +75,34 @@ def where_it_looked(
 
 
 class VideoQA:
-    """A slow-fast model, its processor, and the videos asked about so far.
+    """A slow-fast model and its processor in an inference `Engine`, which keeps the videos asked about so far.
 
     num_frames: frames read from each video, spread uniformly over it (`read_clip`).
-    cache_size: videos kept encoded (least recently asked dropped first).
+    cache_bytes: bytes of videos kept read and encoded (least recently asked dropped first).
     """
 
     def __init__(
-        self, model: sfa.SlowFastModel, processor, *, num_frames: int, max_new_tokens: int = 8, cache_size: int = 8
+        self,
+        model: sfa.SlowFastModel,
+        processor,
+        *,
+        num_frames: int,
+        max_new_tokens: int = 8,
+        cache_bytes: int = 2**30,
     ) -> None:
-        self.model = model.eval()
-        self.processor = processor
+        settings = EngineSettings(num_frames=num_frames, cache_bytes=cache_bytes, max_batch_size=1,
+                                  expose_baselines=True)  # fmt: skip
+        self.engine = Engine(model, processor, settings=settings)
+        self.model, self.processor = self.engine.model, processor
+        self.adapter = model.active_adapter  # the slow-fast answer's model id; + FAST_ONLY: the fast-only one
         self.num_frames = num_frames
         self.max_new_tokens = max_new_tokens
-        self.cache_size = cache_size
-        self._videos: OrderedDict[str, _Video] = OrderedDict()
+        self.frames_per_unit = frames_per_unit(model)
         units = num_frames // self.frames_per_unit
         if units * self.frames_per_unit != num_frames:
             raise ValueError(f"{num_frames} frames: the base takes frames in groups of {self.frames_per_unit}.")
         plan_fast_frames(units, model.slowfast_config)  # raises now, not at the first question, if the pooling can't
-        self._lock = threading.Lock()  # one question at a time: the model and the cache are shared
+        self._lock = threading.Lock()  # one question at a time: each answer's two runs follow each other
 
     @classmethod
     def load(cls, base: str | Path, adapter: str | Path, *, num_frames: int | None = None, **kwargs: Any) -> VideoQA:
@@ -111,97 +124,47 @@ class VideoQA:
         model = sfa.SlowFastModel.from_pretrained(base_model, adapter)
         return cls(model, processor, num_frames=num_frames or default_frames(model), **kwargs)
 
-    # ------------------------------------------------------------------------------------------- inputs
-    def prompt(self, question: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-
-    def inputs(self, clip: VideoClip, question: str) -> dict[str, Any]:
-        """The stock processor's output for one question about `clip` (every frame read is kept)."""
-        inputs = self.processor(
-            text=[self.prompt(question)],
-            videos=[clip.frames],
-            video_metadata=[clip.metadata()],
-            do_sample_frames=False,
-            return_tensors="pt",
-        )
-        inputs.pop("token_type_ids", None)
-        return dict(inputs.to(self.model.device))
-
-    def clip(self, path: str | Path) -> VideoClip:
-        """The frames of `path` (read once, then cached with its encoded features)."""
-        return self._video(path).clip
-
-    def _video(self, path: str | Path) -> _Video:
-        key = file_digest(path)  # by content: an upload of the same file again is the same video
-        if key in self._videos:
-            self._videos.move_to_end(key)
-            return self._videos[key]
-        video = _Video(read_clip(path, self.num_frames))
-        self._videos[key] = video
-        while len(self._videos) > self.cache_size:
-            self._videos.popitem(last=False)
-        return video
-
     # ------------------------------------------------------------------------------------------- answers
-    def decode(self, sequences: torch.Tensor, prompt_length: int) -> str:
-        return self.processor.decode(sequences[0, prompt_length:], skip_special_tokens=True).strip()
+    def job(self, path: str | Path, question: str) -> ChatJob:
+        """The engine's slow-fast job for `question` about the video at `path`: its frames come from the encode
+        cache when the same file (by content: an upload of it again too) was asked about before."""
+        key = f"{file_digest(path)}:{self.num_frames}"
+        clips = self.engine.cached_clips(self.adapter, [key]) or [read_clip(path, self.num_frames)]
+        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        job = ChatJob(self.adapter, [], sampling=SamplingParams(max_tokens=self.max_new_tokens))
+        return self.engine.prepare_read(job, conversation, clips=clips, video_keys=[key])
 
     @torch.no_grad()
     def ask(self, path: str | Path, question: str) -> Answer:
         """Answer `question` about the video at `path`, slow-fast and fast-only, with the per-frame map."""
         question = question.strip() or DEMO_QUESTION
         with self._lock:
-            video = self._video(path)
-            inputs = self.inputs(video.clip, question)
-            reused = video.encoded is not None
-            if video.encoded is None:  # vision tower, projector and slow K/V once per video; no prompt prefix:
-                videos = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-                video.encoded = self.model.encode(**videos)  # where_it_looked runs the whole prompt to map it
-            length = inputs["input_ids"].shape[1]
-            sequences, per_frame, times = where_it_looked(
-                self.model,
-                inputs,
-                encoded=video.encoded,
-                max_new_tokens=self.max_new_tokens,
-                timestamps=video.clip.timestamps,
-            )
-            with self.model.slow_path_disabled():
-                fast = self.model.generate(
-                    **inputs, encoded=video.encoded, max_new_tokens=self.max_new_tokens, do_sample=False
-                )
+            job = self.job(path, question)
+            clip = job.clips[0]
+            reused = self.engine.cache.peek(job.cache_key) is not None
+            used: list[CachedVideos] = []
+
+            def look(entry: CachedVideos) -> tuple[torch.Tensor, list[float], list[float]]:
+                used.append(entry)
+                return where_it_looked(self.model, job.inputs, encoded=entry.encoded,
+                                       max_new_tokens=self.max_new_tokens, timestamps=clip.timestamps)  # fmt: skip
+
+            sequences, per_frame, times = self.engine.call_model(job, look, prefix=False)
+            fast = self.engine.prepare_as(ChatJob(self.adapter + FAST_ONLY, [], sampling=job.sampling), job)
+            self.engine.run_batch([fast])  # the same cached encoding, read without the slow path
+            if fast.error is not None:
+                raise fast.error
+            length = job.inputs["input_ids"].shape[1]
             return Answer(
-                slowfast=self.decode(sequences, length),
-                fast_only=self.decode(fast, length),
+                slowfast=self.processor.decode(sequences[0, length:], skip_special_tokens=True).strip(),
+                fast_only=fast.result.text.strip(),
                 per_frame=per_frame,
                 timestamps=times,
                 unit=self.model.family.unit_name,
-                fast_frames=fast_frames(video.clip, self.model, self.frames_per_unit),
+                fast_frames=fast_frames(clip, self.model, self.frames_per_unit),
                 reused=reused,
-                stats=dict(video.encoded.stats),
+                stats=dict(used[0].encoded.stats),
             )
-
-    @property
-    def frames_per_unit(self) -> int:
-        """Frames per temporal unit of the base's video tokens (Qwen families: 2 frames per temporal patch)."""
-        return int(getattr(self.model.base_model.config.vision_config, "temporal_patch_size", 1) or 1)
-
-
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """A BLAKE2 digest of the file's bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as file:
-        while block := file.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def default_frames(model: sfa.SlowFastModel) -> int:
-    """The frame count the adapter's pooling is built for: `min_fast_frames` fast frames at the configured strides
-    (32 for the demo's adapter; 64 for the released s1/t4 configs), times the base's frames per temporal unit."""
-    config = model.slowfast_config
-    per_unit = int(getattr(model.base_model.config.vision_config, "temporal_patch_size", 1) or 1)
-    return config.min_fast_frames * config.temporal_sampling_stride * config.temporal_pooling_stride * per_unit
 
 
 def fast_frames(clip: VideoClip, model: sfa.SlowFastModel, frames_per_unit: int = 1) -> list[FastFrame]:

@@ -454,6 +454,113 @@ class Engine:
             raise job.error
         return job.result
 
+    # ---- in-process front ends (Gradio app, lmms-eval plugin)
+    # Jobs these front ends prepare with `prepare_read`, and the calls the engine does not make itself: the app's
+    # per-frame map (`where_it_looked`), the plugin's continuation scores and its beam search.
+    def cached_clips(self, model: str, video_keys: Sequence[str]) -> list[VideoClip] | None:
+        """The frames of a prompt's videos when the encode cache holds them for the model id `model` (`video_keys`
+        as given to `prepare_read`), else None: a front end that reads files itself need not read them again."""
+        adapter, mode = self._resolve(model)
+        entry = None if mode == "base" else self.cache.peek((adapter, mode, "read", tuple(video_keys)))
+        return entry.clips if entry is not None else None
+
+    def prepare_as(self, job: ChatJob, like: ChatJob) -> ChatJob:
+        """Prepare `job` as the prepared `like` (prompt, frames, inputs, encode-cache entry) under `job.model`'s own
+        mode, e.g. the fast-only answer beside the slow-fast one. Sharing the entry is exact: the videos' features
+        and slow K/V do not depend on the mode, and only slow-fast `generate` calls read its prompt prefix."""
+        job.adapter, job.mode = self._resolve(job.model)
+        if job.mode != "base" and job.adapter != like.adapter:
+            raise ValueError(f"{job.model!r} and {like.model!r} use different adapters: prepare each on its own.")
+        job.prompt, job.clips, job.images, job.inputs = like.prompt, like.clips, like.images, like.inputs
+        job.cache_key = like.cache_key if job.mode != "base" else None
+        return job
+
+    def call_model(self, job: ChatJob, call: Callable[[CachedVideos | None], Any], *, prefix: bool = True) -> Any:
+        """`call(entry)` with the model held for the prepared `job` (its adapter active, its mode on; the worker
+        waits meanwhile); entry: the job's encode-cache entry, its videos encoded now if new (None without videos
+        or in `base` mode). prefix=False encodes new videos without the prompt prefix (for calls that do not
+        `generate` from it). Returns what `call` returns."""
+        with self._model_lock:
+            if job.adapter is not None and self.model.active_adapter != job.adapter:
+                self.model.set_adapter(job.adapter)
+            entry = None
+            if job.cache_key is not None:
+                entry = self.cache.get(job.cache_key)
+                if entry is None or entry.encoded is None:
+                    entry = CachedVideos(job.clips)
+                    text = ("input_ids", "attention_mask") if not prefix else ()
+                    with self._mode(job.mode)():
+                        entry.encoded = self.model.encode(**{k: v for k, v in job.inputs.items() if k not in text})
+                self.cache.put(job.cache_key, entry)
+            with self._mode(job.mode)():
+                return call(entry)
+
+    @torch.no_grad()
+    def continuation_loss(
+        self,
+        model: str,
+        conversation: list[dict],
+        continuation: str,
+        *,
+        clips: Sequence[VideoClip] = (),
+        images: Sequence[Any] = (),
+        video_keys: Sequence[str] | None = None,
+    ) -> tuple[float, bool]:
+        """How likely `continuation` is as the answer to `conversation` (arguments as `prepare_read`'s): (mean
+        negative log-probability of its tokens after the chat prompt, whether greedy decoding gives exactly those
+        tokens). One forward; the videos come from the encode cache (encoded without a prompt prefix if new)."""
+        job = ChatJob(model, [])
+        job.adapter, job.mode = self._resolve(model)
+        if clips and job.mode != "base":  # the entry `prepare_read` keys these videos under
+            keys = video_keys or [frames_digest(clip) for clip in clips]
+            job.cache_key = (job.adapter, job.mode, "read", tuple(keys))
+        prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        job.clips, job.images, job.prompt = list(clips), list(images), prompt + continuation
+        job.inputs = self.inputs([job])
+        tokenizer = self.processor.tokenizer
+        count = len(tokenizer(job.prompt)["input_ids"]) - len(tokenizer(prompt)["input_ids"])
+        if count < 1:
+            raise ValueError(f"Empty continuation: {continuation!r}.")
+
+        def forward(entry: CachedVideos | None) -> torch.Tensor:  # the fitted sequence ends with the same tokens
+            encoded = entry.encoded if entry is not None else None
+            return self.model(**job.inputs, encoded=encoded).logits[0, -count - 1 : -1].float()
+
+        logprobs = torch.log_softmax(self.call_model(job, forward, prefix=False), dim=-1)
+        target = job.inputs["input_ids"][0, -count:]
+        loss = -float(logprobs.gather(-1, target[:, None]).mean())
+        return loss, bool((logprobs.argmax(-1) == target).all())
+
+    @torch.no_grad()
+    def run_beam_search(self, jobs: Sequence[ChatJob], num_beams: int) -> None:
+        """Run greedy prepared jobs with beam search (`num_beams` beams), one at a time: the best beam's text, cut
+        at the first stop string (`prompt_tokens`: the processor's prompt length). Not streamed and not cancellable
+        (`run_batch` follows rows step by step, which beams reorder); each job is finished (result or error) when
+        this returns."""
+        for job in jobs:
+            try:
+                if not job.sampling.greedy:
+                    raise ValueError("Beam search here is deterministic: give temperature 0.")
+
+                def generate(entry: CachedVideos | None, job: ChatJob = job) -> torch.Tensor:
+                    # beams expand a prompt prefix's one-row KV cache badly: the same videos, no prefix
+                    cached = entry.encoded if entry is not None else None
+                    encoded = None if cached is None else EncodedVideos(
+                        owner=cached.owner, projector=cached.projector, videos=cached.videos, slow_kv=cached.slow_kv,
+                        stats=cached.stats)  # fmt: skip
+                    return self.model.generate(
+                        **job.inputs, encoded=encoded, num_beams=num_beams, do_sample=False,
+                        max_new_tokens=job.sampling.max_tokens, pad_token_id=self.pad_id)  # fmt: skip
+
+                prompt_tokens = job.inputs["input_ids"].shape[1]
+                tokens = self.call_model(job, generate)[0, prompt_tokens:].tolist()
+                row = AnswerRow(self.processor.tokenizer, self.eos_ids, job.sampling.max_tokens, job.sampling.stop)
+                for token in tokens:
+                    row.add(token)
+                job.finish(Completion(row.text, row.finish_reason or "length", prompt_tokens, len(row.tokens)))
+            except Exception as err:  # a job's own error ends only that job
+                self._fail(job, err)
+
 
 def frames_digest(clip: VideoClip) -> str:
     """A BLAKE2 digest of a clip's frames (shape and pixels)."""

@@ -13,12 +13,20 @@ Model arguments (`--model_args key=value,...`):
 - min_pixels, max_pixels: the video processor's size bounds (`size["shortest_edge"/"longest_edge"]`, Qwen families).
 - temporal_sampling_stride, temporal_pooling_stride, spatial_pooling_stride, min_fast_frames: the fast-token
   pooling (default: the adapter's own). They change no weights, e.g. 128 frames at sampling stride 2.
+- cache_bytes: bytes of encoded videos the engine keeps between batches (default 1 GiB; 0: none).
 - device (default: cuda when available, else cpu; one process per GPU under `accelerate launch`), dtype
   (auto, bfloat16, float16, float32), attn_implementation (sdpa, eager, flash_attention_2), system_prompt
   (default none: the chat template's own), video_backend (auto, decord, pyav).
 The batch size is lmms-eval's own flag `--batch_size N` (left-padded batched generation). A document's visuals are
 video paths or PIL images; several PIL images of one document are taken as the frames of one video (as MVBench's
 frame-folder subtasks hand them over).
+
+Requests run on the library's inference engine (`slowfast_adapter.inference.engine.Engine`, as the server and the
+Gradio app do): the plugin reads the frames, the engine builds the prompts and the processor's batches, keeps each
+video's encoding in its encode cache (an LRU bounded in bytes, keyed by the video's path), and generates (stop strings
+= `until`; greedy, or sampling with `temperature` / `top_p`). `num_beams` > 1 runs the engine's beam search, one
+request at a time. `adapter=none` serves the untouched base through the engine's `base` mode (the base wrapped with
+a default `SlowFastConfig` whose branch it never runs).
 
 Request types: generate_until, generate_until_multi_round, and loglikelihood for multiple-choice tasks ((loss,
 is_greedy) per choice, lower is likelier, as lmms-eval's own models return; see `continuation_losses`). Several
@@ -31,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import defaultdict
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -40,7 +47,9 @@ from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
 from lmms_eval.api.model import lmms
 from PIL import Image
-from slowfast_adapter import EncodedVideos, SlowFastConfig, SlowFastModel, wrap
+from slowfast_adapter import SlowFastConfig, SlowFastModel, wrap
+from slowfast_adapter.inference.chat import SamplingParams
+from slowfast_adapter.inference.engine import BASE, FAST_ONLY, ChatJob, Engine, EngineSettings, frames_digest
 from slowfast_adapter.inference.video import VideoClip, read_clip, uniform_indices
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -52,6 +61,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 _MANGLES_TUPLES = unwrap_generation_output((0.0, False))[0] != (0.0, False)
 
 POOLING = ("temporal_sampling_stride", "temporal_pooling_stride", "spatial_pooling_stride", "min_fast_frames")
+MAX_STOP = 4  # stop strings the engine follows while generating; more are cut from the finished text
 
 
 def _switch(value: Any, name: str) -> bool:
@@ -60,6 +70,21 @@ def _switch(value: Any, name: str) -> bool:
     if value in (False, "off", "false", "False", 0):
         return False
     raise ValueError(f"{name} must be on or off, got {value!r}.")
+
+
+def _sampling(gen_kwargs: dict) -> tuple[SamplingParams, tuple[str, ...], int]:
+    """(the engine's sampling, every stop string, beams) of lmms-eval's generation arguments."""
+    until = gen_kwargs.get("until") or []
+    stop = tuple(s for s in ([until] if isinstance(until, str) else until) if s)
+    temperature = float(gen_kwargs.get("temperature") or 0)
+    top_p = gen_kwargs.get("top_p")
+    sampling = SamplingParams(
+        max_tokens=int(gen_kwargs.get("max_new_tokens", 128)),
+        temperature=temperature,
+        top_p=float(top_p) if temperature > 0 and top_p is not None else 1.0,
+        stop=stop if len(stop) <= MAX_STOP else (),
+    )
+    return sampling, stop, int(gen_kwargs.get("num_beams") or 1)
 
 
 class SlowFastLMM(lmms):
@@ -81,6 +106,7 @@ class SlowFastLMM(lmms):
         min_fast_frames: int | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,  # passed by lmms-eval; only fixed batch sizes are supported
+        cache_bytes: int | str = 2**30,
         device: str | None = None,
         dtype: str = "auto",
         attn_implementation: str | None = None,
@@ -101,7 +127,7 @@ class SlowFastLMM(lmms):
         if attn_implementation:
             load["attn_implementation"] = attn_implementation
         base = AutoModelForImageTextToText.from_pretrained(pretrained, **load).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(pretrained)
+        self.processor = processor = AutoProcessor.from_pretrained(pretrained)
 
         adapter = None if adapter in (None, "", "none", "None") else str(adapter)
         self.slow_path = _switch(slow_path, "slow_path")
@@ -115,32 +141,30 @@ class SlowFastLMM(lmms):
             model = wrap(base, SlowFastConfig(**pooling))
         elif pooling:
             raise ValueError(f"{sorted(pooling)} need an adapter or slow_path=off: the base runs its native tokens.")
-        else:
-            model = base
+        else:  # the engine serves a SlowFastModel: its `base` mode runs the untouched base at its native tokens
+            model = wrap(base, SlowFastConfig())
+        self.model_id = BASE if adapter is None and self.slow_path else model.active_adapter
+        self.model_id += "" if self.slow_path else FAST_ONLY
         self.model = model.eval()
-        self._mode = nullcontext if self.slow_path else model.slow_path_disabled
-        self._encoded: tuple[list[str], EncodedVideos | None] = ([], None)  # the last batch's videos, encoded
+        settings = EngineSettings(cache_bytes=int(cache_bytes), max_batch_size=max(1, self.batch_size),
+                                  expose_baselines=True)  # fmt: skip
+        self.engine = Engine(model, processor, settings=settings)
 
-        video_processor = getattr(self.processor, "video_processor", None)
+        video_processor = getattr(processor, "video_processor", None)
         patch = getattr(video_processor, "temporal_patch_size", None) or 1
-        config = getattr(model, "slowfast_config", None)
+        config = model.slowfast_config if self.model_id != BASE else None
         multiple = patch * (config.temporal_sampling_stride * config.temporal_pooling_stride if config else 1)
         if num_frames is None and fps is None:
             num_frames = 64
         self.sampling = {"num_frames": num_frames, "fps": fps, "multiple": multiple if fps else 1,
                          "max_frames": (max_frames or 64) if fps else None, "backend": video_backend}  # fmt: skip
-        self.video_kwargs: dict[str, Any] = {}
-        if min_pixels is not None or max_pixels is not None:
+        if min_pixels is not None or max_pixels is not None:  # the processor's own default size for every call
             size = getattr(video_processor, "size", None)
             if getattr(size, "longest_edge", None) is None:
                 raise ValueError(f"min_pixels/max_pixels need a Qwen-style video processor, not {video_processor}.")
-            bounds = {
-                "shortest_edge": min_pixels or size.shortest_edge,
-                "longest_edge": max_pixels or size.longest_edge,
-            }
-            self.video_kwargs["videos_kwargs"] = {"size": bounds}
-        # LLaVA-style processors stack a batch's videos in one tensor: one frame count per sub-batch
-        self.stacks_videos = "video_grid_thw" not in getattr(video_processor, "model_input_names", [])
+            video_processor.size = type(size)(
+                shortest_edge=min_pixels or size.shortest_edge, longest_edge=max_pixels or size.longest_edge
+            )
         self.system_prompt = system_prompt
 
     # ------------------------------------------------------------------------------------------- inputs
@@ -165,94 +189,58 @@ class SlowFastLMM(lmms):
         frames = np.stack([np.asarray(images[i].convert("RGB")) for i in keep])
         return VideoClip(frames, keep, 1.0, len(images), "frames")
 
-    def _prompt(self, question: str, visuals: list, cache: dict[str, VideoClip], media: dict[str, list]) -> str:
-        """The chat-template prompt for one question; its videos' frames and images are appended to `media`."""
+    def _conversation(self, question: str, visuals: list, cache: dict[str, VideoClip]) -> dict[str, Any]:
+        """`prepare_read`'s arguments for one question: the chat-template conversation, its videos' frames (read
+        once per batch, or taken from the engine's encode cache), its images, and each video's key (its path)."""
         if len(visuals) > 1 and all(isinstance(v, Image.Image) for v in visuals):
             visuals = [self._frames_clip(visuals)]  # the frames of one video, as video benchmarks hand them over
-        content = []
+        content, videos, images = [], [], []
         for visual in visuals:
             if isinstance(visual, str | VideoClip):
-                clip = visual if isinstance(visual, VideoClip) else self._clip(visual, cache)
-                media["videos"].append(clip.frames)
-                media["video_metadata"].append(clip.metadata())
+                videos.append(visual)
                 content.append({"type": "video"})
             elif isinstance(visual, Image.Image):
-                media["images"].append(visual.convert("RGB"))
+                images.append(visual.convert("RGB"))
                 content.append({"type": "image"})
             else:
                 raise TypeError(f"Unsupported visual {type(visual).__name__}: give video paths or PIL images.")
+        keys = [v if isinstance(v, str) else frames_digest(v) for v in videos]
+        clips = self.engine.cached_clips(self.model_id, keys) if videos else None
+        if clips is None:
+            clips = [self._clip(v, cache) if isinstance(v, str) else v for v in videos]
         question = question.replace("<image>", "").replace("<video>", "").strip()
         messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return {"conversation": messages, "clips": clips, "images": images, "video_keys": keys}
 
-    def _inputs(self, texts: list[str], media: dict[str, list]) -> dict:
-        """The stock processor's left-padded batch."""
-        kwargs: dict[str, Any] = {"images": media["images"]} if media["images"] else {}
-        if media["videos"]:
-            kwargs.update(videos=media["videos"], video_metadata=media["video_metadata"], do_sample_frames=False)
-            kwargs.update(self.video_kwargs)
-        inputs = self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
-        inputs.pop("token_type_ids", None)
-        return inputs.to(self.device)
-
-    @staticmethod
-    def _media() -> dict[str, list]:
-        return {"videos": [], "video_metadata": [], "images": []}
-
-    def _sub_batches(self, rows: list[tuple[str, list]], cache: dict[str, VideoClip]) -> list[list[int]]:
-        if not self.stacks_videos:
-            return [list(range(len(rows)))]
-        groups = defaultdict(list)  # frame counts -> rows (a document's still frames: how many there are)
-        for i, (_, visuals) in enumerate(rows):
-            counts = [len(self._clip(v, cache).frames) if isinstance(v, str) else -len(visuals) for v in visuals]
-            groups[tuple(counts)].append(i)
-        return list(groups.values())
-
-    @torch.no_grad()
     def _generate(self, rows: list[tuple[str, list]], gen_kwargs: dict, cache: dict[str, VideoClip]) -> list[str]:
-        until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        sample = float(gen_kwargs.get("temperature") or 0) > 0
-        generate = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens", 128)), "do_sample": sample,
-                    "num_beams": int(gen_kwargs.get("num_beams") or 1)}  # fmt: skip
-        if sample:
-            generate["temperature"] = float(gen_kwargs["temperature"])
-            if gen_kwargs.get("top_p") is not None:
-                generate["top_p"] = float(gen_kwargs["top_p"])
-        answers = [""] * len(rows)
-        for group in self._sub_batches(rows, cache):
-            media = self._media()
-            inputs = self._inputs([self._prompt(*rows[i], cache, media) for i in group], media)
-            paths = sorted({str(visual) for i in group for visual in rows[i][1]})
-            with self._mode():
-                if self._encoded[0] != paths:  # requests come sorted by video: keep the last batch's videos
-                    self._encoded = (paths, self._encode(inputs))
-                encoded = self._encoded[1]
-                reuse = {"encoded": encoded} if encoded is not None else {}
-                output = self.model.generate(**inputs, **generate, **reuse)
-            texts = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i, text in zip(group, texts, strict=True):
-                for stop in until:
-                    text = text.split(stop)[0] if stop else text
-                answers[i] = text.strip()
+        """The answers to (question, visuals) rows with the same generation arguments: the engine batches them
+        (LLaVA-style processors: rows with the same frame counts) and stops each at `until`."""
+        sampling, stop, beams = _sampling(gen_kwargs)
+        jobs = []
+        for question, visuals in rows:
+            read = self._conversation(question, visuals, cache)
+            jobs.append(self.engine.prepare_read(ChatJob(self.model_id, [], sampling=sampling), **read))
+        if beams > 1:
+            self.engine.run_beam_search(jobs, beams)
+        else:
+            self.engine.run_batch(jobs)
+        answers = []
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+            text = job.result.text
+            for s in stop:  # more stop strings than the engine follows: cut here (the others are cut already)
+                text = text.split(s)[0]
+            answers.append(text.strip())
         return answers
-
-    def _encode(self, inputs: dict, *, prompt: bool = True) -> EncodedVideos | None:
-        """The batch's videos encoded once (vision tower, slow K/V, and for a one-question batch the prompt's KV
-        cache up to the video) for every question about them; None for the base model (`adapter=none`), which
-        encodes its own native tokens. prompt=False: the videos only."""
-        if not isinstance(self.model, SlowFastModel) or inputs.get("pixel_values_videos") is None:
-            return None
-        if not prompt:
-            inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        return self.model.encode(**inputs)
 
     # ------------------------------------------------------------------------------------------- lmms-eval API
     def generate_until(self, requests) -> list[str]:
         """Batches of `--batch_size` requests with the same generation arguments, ordered by video so that the
-        questions about one video share a batch; each video is decoded once per batch."""
+        questions about one video share a batch; each video is decoded once per batch and encoded once while the
+        engine's encode cache keeps it."""
         rows, keys = [], []
         for question, gen_kwargs, doc_to_visual, doc_id, task, split in (r.args for r in requests):
             visuals = self._visuals(doc_to_visual, doc_id, task, split)
@@ -278,41 +266,25 @@ class SlowFastLMM(lmms):
         losses = self.continuation_losses(requests)
         return [GenerationResult(text=pair) for pair in losses] if _MANGLES_TUPLES else losses
 
-    @torch.no_grad()
     def continuation_losses(self, requests) -> list[tuple[float, bool]]:
         """(loss, is_greedy) of each request's continuation after its chat prompt, as lmms-eval's own models return
         (`llava`, `llava_onevision`, `llava_vid`: the model's `loss` with the prompt's labels masked): loss is the mean
         negative log-probability of the continuation's tokens, so lower is likelier and lmms-eval's multiple-choice
         scorers (`api/task.py::process_results` and the video tasks' own, e.g. EgoSchema's and PerceptionTest's
         `mcppl`) take the argmin; is_greedy: whether greedy decoding gives exactly the continuation. One request per
-        forward; a video is decoded and encoded once for all of its continuations."""
+        forward (`Engine.continuation_loss`); a video is decoded and encoded once for all of its continuations."""
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         args = [r.args for r in requests]
         visuals = [self._visuals(*a[2:]) for a in args]
-        cache, last, encoded = {}, None, None
+        cache, last = {}, None
         for i in sorted(range(len(args)), key=lambda i: [str(v) for v in visuals[i]]):
             question, continuation, _, doc_id, task, split = args[i]
             if callable(continuation):
                 continuation = continuation(self.task_dict[task][split][doc_id])
             if visuals[i] != last:
-                cache, last, encoded = {}, visuals[i], None
-            media = self._media()
-            prompt = self._prompt(question, visuals[i], cache, media)
-            inputs = self._inputs([prompt + continuation], media)
-            tokens = self.processor.tokenizer
-            count = len(tokens(prompt + continuation)["input_ids"]) - len(tokens(prompt)["input_ids"])
-            if count < 1:
-                raise ValueError(f"Empty continuation for request {i}: {continuation!r}.")
-            encoded = encoded or self._encode(inputs, prompt=False)  # the video's other continuations reuse it
-            with self._mode():
-                reuse = {"encoded": encoded} if encoded is not None else {}
-                logits = self.model(**inputs, **reuse).logits[0, -count - 1 : -1].float()  # fitted sequence: same tail
-            target = inputs["input_ids"][0, -count:]
-            logprobs = torch.log_softmax(logits, dim=-1)
-            results[i] = (
-                -float(logprobs.gather(-1, target[:, None]).mean()),
-                bool((logprobs.argmax(-1) == target).all()),
-            )
+                cache, last = {}, visuals[i]
+            read = self._conversation(question, visuals[i], cache)
+            results[i] = self.engine.continuation_loss(self.model_id, continuation=continuation, **read)
         return results
 
     def generate_until_multi_round(self, requests) -> list[list[str]]:
