@@ -6,6 +6,8 @@ one more adapter per further value on the same pretrained base and measures its 
 as it goes, then the spread over seeds (mean, min, max) as JSON, Markdown and a plot. Run:
 
     python benchmarks/slowfast_evidence.py --work-dir /tmp/evidence [--seeds 0 1 2] [--tasks needle order]
+
+`--collect` writes the results from the runs already finished in `--work-dir` (their `evidence.json`), running nothing.
 """
 
 from __future__ import annotations
@@ -131,19 +133,28 @@ def main() -> None:
     parser.add_argument("--key-positions", nargs="+", default=["temporal", "none"],
                         help="slow_key_positions of the demo run, then of the extra adapters")  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--collect", action="store_true", help="only collect the finished runs of --work-dir")
     args = parser.parse_args()
     work = Path(args.work_dir)
     command = "python benchmarks/slowfast_evidence.py --work-dir WORK --seeds " + " ".join(map(str, args.seeds))
+    command += " --collect" if args.collect else ""
     command += " --tasks " + " ".join(args.tasks) + " --key-positions " + " ".join(args.key_positions)
     load_before = load()
     result = {"command": command, "tasks": {}}
     for task in args.tasks:
         runs, seconds = [], []
         for seed in args.seeds:
+            finished = work / f"{task}-s{seed}" / "evidence.json"
+            if args.collect:
+                if finished.exists():
+                    runs.append(json.loads(finished.read_text()))
+                    seconds.append(runs[-1]["seconds"])
+                continue
             config = DemoConfig(output_dir=str(work / f"{task}-s{seed}"), task=task, seed=seed)
             config.slowfast = {**config.slowfast, "slow_key_positions": args.key_positions[0]}
             start = time.perf_counter()
-            summary = run(config, log=lambda line: print(f"  {task} s{seed} {line}", flush=True))
+            prefix = f"  {task} s{seed} "
+            summary = run(config, log=lambda line, prefix=prefix: print(prefix + line, flush=True))
             seconds.append(round(time.perf_counter() - start, 1))
             summary["results"][2]["setting"] += f", slow_key_positions={args.key_positions[0]}"
             for positions in args.key_positions[1:]:
@@ -152,7 +163,9 @@ def main() -> None:
             runs.append(summary)
             accs = ", ".join(f"{r['setting'][:3]} {r['accuracy']:.3f}" for r in summary["results"])
             print(f"{task} seed {seed} ({seconds[-1]} s demo): {accs}", flush=True)
-        result["tasks"][task] = {"seeds": len(args.seeds), "seconds": seconds, "rows": spread(runs), "runs": runs}
+        if not runs:
+            continue
+        result["tasks"][task] = {"seeds": len(runs), "seconds": seconds, "rows": spread(runs), "runs": runs}
     result["load"] = f"{load_before} / {load()}"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,7 @@ class DemoConfig:
             "min_fast_frames": 4,
             "hybrid_layers": [0, 1],
             "query_tokens": "text_after_first_video",
+            "slow_key_positions": "temporal",  # the order task needs it (benchmarks/results/slowfast_evidence.md)
         }
     )
 
