@@ -145,6 +145,11 @@ class AdapterRegistry:
         config = config if config is not None else SlowFastConfig()
         if not isinstance(config, SlowFastConfig):
             raise TypeError(f"config must be a SlowFastConfig, got {type(config).__name__}.")
+        if config.slow_key_positions not in self.family.slow_key_positions:
+            raise NotImplementedError(
+                f"slow_key_positions={config.slow_key_positions!r} is not implemented for {self.family.name} (it "
+                f"offers {list(self.family.slow_key_positions)})."
+            )
         layers = self.family.decoder_layers(self.base_model)
         lora_config = lora.resolve_lora_config(config, lora_config, self.base_model, layers)
         adapter = SlowFastAdapter(self.base_model, self.family, config)

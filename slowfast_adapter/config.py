@@ -9,6 +9,7 @@ from typing import Any
 QUERY_TOKENS = ("text", "text_after_first_video", "all")
 GATES = ("dynamic_tanh", "static_tanh")
 KV_INITS = ("from_llm", "random")
+SLOW_KEY_POSITIONS = ("none", "temporal")
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -76,6 +77,16 @@ class SlowFastConfig:
         default=True,
         metadata={"help": "Apply the query token's RoPE to the cross-attention query (the reference does)."},
     )
+    slow_key_positions: str = field(
+        default="none",
+        metadata={
+            "help": "Positions of the slow keys. 'none': no positional encoding (the reference), so the slow path "
+            "is blind to frame order. 'temporal': each slow key gets the LLM's RoPE at its frame's time in the "
+            "sequence (LLaVA-OneVision: frame t of T at the video's first fast token + t * fast grid tokens / T; an "
+            "image's tokens at its first placeholder), so a query can tell earlier frames from later ones. "
+            "LLaVA-OneVision only so far."
+        },
+    )
     image_slow_tokens: bool = field(
         default=True,
         metadata={
@@ -136,6 +147,7 @@ class SlowFastConfig:
         _check_choice("query_tokens", self.query_tokens, QUERY_TOKENS)
         _check_choice("gate", self.gate, GATES)
         _check_choice("kv_init", self.kv_init, KV_INITS)
+        _check_choice("slow_key_positions", self.slow_key_positions, SLOW_KEY_POSITIONS)
         _check_int("lora_r", self.lora_r, minimum=0)
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}.")

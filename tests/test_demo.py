@@ -68,8 +68,11 @@ def test_demo_runs_end_to_end_in_miniature(tmp_path):
     )  # fmt: skip
     summary = run(config, log=lambda *_: None)
     rows = {r["setting"][:3]: r for r in summary["results"]}
-    assert list(rows) == ["(a)", "(b)", "(c)", "(d)"]
+    assert list(rows) == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"]
     assert rows["(b)"]["llm_prefill_flops"] < rows["(c)"]["llm_prefill_flops"] < rows["(d)"]["llm_prefill_flops"]
+    for pruned in (rows["(e)"], rows["(f)"]):  # the largest budget within (c)'s LLM FLOPs, at least the fast tokens
+        assert rows["(b)"]["video_tokens"] < pruned["video_tokens"] < rows["(d)"]["video_tokens"]
+        assert rows["(b)"]["llm_prefill_flops"] < pruned["llm_prefill_flops"] <= rows["(c)"]["llm_prefill_flops"]
 
     out = tmp_path / "demo"
     processor = AutoProcessor.from_pretrained(out / "pretrained-base")
@@ -99,3 +102,20 @@ def test_demo_runs_end_to_end_in_miniature(tmp_path):
     assert "looked_at_needle" not in rows["(b)"]
     assert (out / "results.md").read_text().startswith("| setting |")
     assert (out / "results.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_order_task_runs_end_to_end_in_miniature(tmp_path):
+    """`task=order` writes two-square videos whose squares the fast tokens skip, and reports rows (a)-(f) with the
+    where-it-looked rates of both squares."""
+    config = DemoConfig(
+        output_dir=str(tmp_path / "demo"), task="order", num_pretrain=16, num_train=16, num_val=8, num_test=8,
+        hidden_size=32, intermediate_size=64, batch_size=4, pretrain_steps=3, adapter_steps=3, eval_every=3,
+        slowfast={**DemoConfig().slowfast, "slow_key_positions": "temporal"},
+    )  # fmt: skip
+    summary = run(config, log=lambda *_: None)
+    assert [r["setting"][:3] for r in summary["results"]] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"]
+    assert set(summary["results"][2]["looked"]) == {"peak_at_a_square", "peak_at_first", "top2_both_squares"}
+    records = read_split(tmp_path / "demo" / "data" / "test.jsonl")
+    assert all(r["squares"][0]["frame"] % 4 and r["squares"][1]["frame"] % 4 for r in records)
+    assert all(r["conversations"][1]["value"] == r["squares"][0]["color"] for r in records)

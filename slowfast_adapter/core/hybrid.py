@@ -89,7 +89,8 @@ class SlowBranch(nn.Module):
             bias.copy_(source) if source is not None else bias.zero_()
 
     def project_tokens(self, normed_slow: torch.Tensor) -> torch.Tensor:
-        """normed_slow [..., S, D] -> K then V [..., S, 2 * H_kv * hd]. No positional encoding on slow keys."""
+        """normed_slow [..., S, D] -> K then V [..., S, 2 * H_kv * hd]. No positional encoding here (the hooks
+        rotate the keys when `SlowFastConfig.slow_key_positions` asks for it)."""
         return self.kv_proj(compute_input(normed_slow, self.kv_proj.weight))
 
     def project_slow(self, normed_slow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +189,15 @@ class HybridLayerHooks:
         """The slow K/V [B, H_kv, S, hd] of this layer for the active call, projected on first use and then
         cached for the call."""
         if context.reproject_slow_kv or self.layer_idx not in context.slow_kv:
-            key_value = rearrange(
+            key, value = rearrange(
                 self._project_items(context), "b s (two h d) -> two b h s d", two=2, d=self.branch.head_dim
             )
+            if context.slow.key_rope is not None:  # slow_key_positions="temporal": RoPE at each key's frame time
+                cos, sin = (t.to(device=key.device, dtype=key.dtype) for t in context.slow.key_rope)
+                key = self.rope(key, cos, sin)
             if context.reproject_slow_kv:  # debug: no cache, as the reference does at every decode step
-                return key_value[0], key_value[1]
-            context.slow_kv[self.layer_idx] = (key_value[0], key_value[1])
+                return key, value
+            context.slow_kv[self.layer_idx] = (key, value)
         return context.slow_kv[self.layer_idx]
 
     def _project_items(self, context: SlowContext) -> torch.Tensor:

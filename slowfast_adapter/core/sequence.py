@@ -120,3 +120,29 @@ def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, L] position ids counting only real tokens (padding gets 0), as `generate` builds them."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)
+
+
+def item_start_positions(
+    input_ids: torch.Tensor,
+    keep: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    token_id: int,
+    item_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """[items] the position id (`mask_positions` of the fitted sequence) of each item's first placeholder.
+
+    input_ids, keep, attention_mask: [B, L] before `fit_sequence(keep, ...)`; item_lengths: [items] each item's
+    placeholder count in `input_ids`, in row-major order (as `placeholder_item_rows` reads them)."""
+    real = keep if attention_mask is None else keep & attention_mask.bool()
+    positions = real.long().cumsum(-1) - 1  # a kept real token's position id in the fitted sequence
+    where = (input_ids == token_id).nonzero()  # [n, 2], row-major
+    starts = (item_lengths.cumsum(0) - item_lengths).to(where.device)
+    first = where[starts]
+    return positions[first[:, 0], first[:, 1]]
+
+
+def temporal_positions(start: torch.Tensor | float, span: float, units: int, tokens_per_unit: int) -> torch.Tensor:
+    """[units * tokens_per_unit] float: unit u's tokens all at `start + u * span / units` (a video's frames spread
+    evenly over the `span` positions its fast tokens take in the sequence, one position per frame)."""
+    times = torch.arange(units, dtype=torch.float32) * (span / units)
+    return (times + torch.as_tensor(start, dtype=torch.float32).cpu()).repeat_interleave(tokens_per_unit)

@@ -41,12 +41,14 @@ class SlowItem:
 
 
 class SlowItemTokens(NamedTuple):
-    """One video's (or image's) slow tokens [S_i, D] for sample `row`, before packing (see `SlowItem`)."""
+    """One video's (or image's) slow tokens [S_i, D] for sample `row`, before packing (see `SlowItem`); positions:
+    [S_i] float, each token's RoPE position as a slow key (`SlowFastConfig.slow_key_positions`), or None."""
 
     row: int
     tokens: torch.Tensor
     key: str | None = None
     units: int = 0
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,7 +57,9 @@ class SlowTokens:
     tokens come first).
 
     items: where each video's (or image's) tokens sit, in row order; by default one item per row holding the
-    row's leading real tokens. Slow K/V are projected item by item, so a video's K/V do not depend on the
+    row's leading real tokens. key_positions: [B, S] float, each slow key's RoPE position (0 on padding), or None
+    (no positional encoding on the slow keys); key_rope: its (cos, sin) [B, S, hd] from the LLM's rotary embedding,
+    set by the family. Slow K/V are projected item by item, so a video's K/V do not depend on the
     batch it is in (and can be cached, see `encoded.py`).
 
     Derived once here, so a decode step reads them without a host sync (and `torch.compile` sees plain fields):
@@ -68,6 +72,8 @@ class SlowTokens:
     tokens: torch.Tensor
     mask: torch.Tensor
     items: list[SlowItem] | None = None
+    key_positions: torch.Tensor | None = None
+    key_rope: tuple[torch.Tensor, torch.Tensor] | None = None
     has_slow: torch.Tensor = field(init=False, repr=False)
     attend_mask: torch.Tensor = field(init=False, repr=False)
     padded: bool = field(init=False, repr=False)
@@ -99,10 +105,14 @@ class SlowTokens:
         """Concatenate per-item slow tokens by sample row; None when there are no items."""
         if not items:
             return None
+        with_positions = [item.positions is not None for item in items]
+        if any(with_positions) and not all(with_positions):
+            raise ValueError("Either every slow item has key positions or none has.")
         if batch_size == 1 and len(items) == 1:  # one video (the long-video case): a view, no copy
-            row, tokens, key, units = items[0]
+            row, tokens, key, units, positions = items[0]
             mask = torch.ones(1, tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            return cls(tokens[None], mask, [SlowItem(row, 0, tokens.shape[0], key, units)])
+            positions = None if positions is None else positions[None].to(tokens.device)
+            return cls(tokens[None], mask, [SlowItem(row, 0, tokens.shape[0], key, units)], positions)
         items = sorted(items, key=lambda item: item.row)  # stable: keeps each sample's items in order
         rows = torch.tensor([item.row for item in items])
         lengths = torch.tensor([item.tokens.shape[0] for item in items])
@@ -116,11 +126,15 @@ class SlowTokens:
         sample, slot = sample.to(flat.device), slot.to(flat.device)
         tokens[sample, slot] = flat
         mask[sample, slot] = True
+        key_positions = None
+        if all(with_positions):
+            key_positions = torch.zeros(batch_size, tokens.shape[1], device=flat.device)
+            key_positions[sample, slot] = torch.cat([item.positions.float() for item in items]).to(flat.device)
         placed, cursor = [], [0] * batch_size
-        for (row, _, key, units), length in zip(items, lengths.tolist(), strict=True):
+        for (row, _, key, units, _), length in zip(items, lengths.tolist(), strict=True):
             placed.append(SlowItem(row, cursor[row], length, key, units))
             cursor[row] += length
-        return cls(tokens, mask, placed)
+        return cls(tokens, mask, placed, key_positions)
 
 
 @dataclass

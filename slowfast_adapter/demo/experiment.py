@@ -7,7 +7,12 @@
    the validation split; training stops once validation accuracy reaches `adapter_target` or stops improving);
 4. on the test split, measure accuracy and LLM prefill FLOPs of (a) the base at its native frame count,
    (b) fast tokens only at the high frame count, (c) slow-fast at the high frame count, (d) the base with
-   every native token of the high frame count; write JSON, Markdown and a PNG plot.
+   every native token of the high frame count, (e) / (f) the base with the high frame count's native tokens
+   pruned training-free (EVS, VidCom2-style) to the LLM FLOPs of (c); write JSON, Markdown and a PNG plot.
+
+`task="needle"` (the default): one coloured square in one frame, "What color is the square?". `task="order"`: two
+squares in two frames that the fast tokens and the base's 8-frame subsampling both skip, "Which color came first?"
+(`order_data.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from tqdm.auto import tqdm
 from ..config import SlowFastConfig
 from ..core import inspection, state
 from ..core.frame_attention import where_it_looked
+from ..core.pooling import plan_fast_frames
 from ..inference.video import read_video
 from ..model import wrap
 from ..tools.tiny import build_tiny_llava_onevision
@@ -35,8 +41,12 @@ from ..training.accelerator import make_accelerator
 from ..training.recipe import TrainArgs
 from ..training.trainer import BatchSource, Trainer, one_group
 from .flops import prefill_flops
-from .needle_data import COLORS, QUESTION, read_split, write_split
+from .needle_data import COLORS, read_split, write_split
+from .order_data import hidden_frames, write_order_split
+from .pruning import pruned_inputs
 from .quickstart import answer_batch
+
+TASKS = ("needle", "order")
 
 
 @dataclass
@@ -47,6 +57,8 @@ class DemoConfig:
     would load without a warning and answer badly, so `run` refuses; pick a new folder or remove the old one."""
 
     output_dir: str = "demo-output"
+    task: str = "needle"
+    """'needle' (what: one square's colour) or 'order' (when: which of two squares came first)."""
     native_frames: int = 8
     high_frames: int = 32
     frame_size: int = 32
@@ -73,6 +85,8 @@ class DemoConfig:
     Either way the adapter keeps its best-on-validation weights."""
     eval_every: int = 100  # steps between validation evaluations, in both stages
     seed: int = 0
+    pruning_rules: list[str] = field(default_factory=lambda: ["evs", "vidcom2"])
+    """Rows (e), (f): the base on pruned native tokens, at the largest budget within (c)'s LLM prefill FLOPs."""
     slowfast: dict[str, Any] = field(
         default_factory=lambda: {
             "temporal_sampling_stride": 4,
@@ -80,8 +94,13 @@ class DemoConfig:
             "min_fast_frames": 4,
             "hybrid_layers": [0, 1],
             "query_tokens": "text_after_first_video",
+            "slow_key_positions": "temporal",  # the order task needs it (benchmarks/results/slowfast_evidence.md)
         }
     )
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}.")
 
     def slowfast_config(self) -> SlowFastConfig:
         return SlowFastConfig(**self.slowfast)
@@ -99,8 +118,8 @@ class DemoConfig:
         )
 
 
-def _conversation(answer: str | None = None) -> list[dict]:
-    turns = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+def _conversation(question: str, answer: str | None = None) -> list[dict]:
+    turns = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     return turns if answer is None else [*turns, {"role": "assistant", "content": answer}]
 
 
@@ -112,7 +131,8 @@ class NeedleTask:
         self.videos = [read_video(root / r["video"], num_frames) for r in self.records]
         self.answers = [r["conversations"][1]["value"] for r in self.records]
         self.processor = processor
-        self.prompt = processor.apply_chat_template(_conversation(), add_generation_prompt=True)
+        question = self.records[0]["conversations"][0]["value"].replace("<video>", "").strip()
+        self.prompt = processor.apply_chat_template(_conversation(question), add_generation_prompt=True)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -141,11 +161,15 @@ class NeedleTask:
 
 
 @torch.no_grad()
-def accuracy(model, task: NeedleTask, *, batch_size: int = 50, slow_path: bool = True) -> float:
+def accuracy(
+    model, task: NeedleTask, *, batch_size: int = 50, slow_path: bool = True, pruning: tuple[str, int] | None = None
+) -> float:
     """Fraction of videos whose greedy answer starts with the right colour.
 
     slow_path: whether the model is expected to read the slow tokens (the slow-fast setting) or not (base,
     fast tokens only); checked on every batch, so a number is never reported for a path that did not run.
+    pruning: (rule, budget): the base model (adapter off) on each video's native tokens pruned to `budget`
+    (`pruning.py`).
     """
     model.eval()
     count = len(task)
@@ -154,8 +178,13 @@ def accuracy(model, task: NeedleTask, *, batch_size: int = 50, slow_path: bool =
         indices = list(range(start, min(count, start + batch_size)))
         inputs = task.prompt_batch(indices)
         with inspection.recording() as contexts:
-            output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        check_slow_path(contexts, rows=len(indices), expected=slow_path)
+            if pruning is None:
+                output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            else:
+                inputs = pruned_inputs(model, inputs, *pruning).model_inputs
+                with model.disable_adapter():
+                    output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        check_slow_path(contexts, rows=len(indices), expected=slow_path and pruning is None)
         texts = task.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         correct += sum(text.strip().startswith(task.answers[i]) for text, i in zip(texts, indices, strict=True))
     return correct / count
@@ -175,6 +204,46 @@ def needle_peaks(model, task: NeedleTask, *, batch_size: int = 50) -> list[bool]
             frames_per_unit = task.videos[i].shape[0] // int(looked.num_frames[row])
             peaks.append(looked.peak_frame(row) == needle["frame"] // frames_per_unit)
     return peaks
+
+
+@torch.no_grad()
+def frame_ranks(model, task: NeedleTask, *, batch_size: int = 50) -> list[list[int]]:
+    """For each video of `task`: the frames of "where it looked" (the map of the token that predicts the answer's
+    first token, mean over the hybrid layers) from the most to the least attended, in the video's own frames."""
+    model.eval()
+    ranks = []
+    for start in range(0, len(task), batch_size):
+        indices = list(range(start, min(len(task), start + batch_size)))
+        looked = where_it_looked(model, task.prompt_batch(indices))
+        for row, i in enumerate(indices):
+            frames_per_unit = task.videos[i].shape[0] // int(looked.num_frames[row])
+            order = torch.argsort(looked.per_frame(row), descending=True, stable=True)
+            ranks.append([int(unit) * frames_per_unit for unit in order])
+    return ranks
+
+
+def looked_rates(records: list[dict], ranks: list[list[int]]) -> dict[str, float]:
+    """How often "where it looked" (`frame_ranks`) peaks where the answer is. Needle: at the needle's frame
+    (`peak`), at it or a neighbour (`peak_within_1`), needle among the top 2 (`top2`). Order: the peak at one of the
+    two squares' frames (`peak_at_a_square`), at the first square (`peak_at_first`), the top 2 = both squares
+    (`top2_both_squares`)."""
+    hits: dict[str, list[bool]] = {}
+
+    def add(name: str, value: bool) -> None:
+        hits.setdefault(name, []).append(bool(value))
+
+    for record, rank in zip(records, ranks, strict=True):
+        if "needle" in record:
+            frame = record["needle"]["frame"]
+            add("peak", rank[0] == frame)
+            add("peak_within_1", abs(rank[0] - frame) <= 1)
+            add("top2", frame in rank[:2])
+        else:
+            frames = [square["frame"] for square in record["squares"]]
+            add("peak_at_a_square", rank[0] in frames)
+            add("peak_at_first", rank[0] == frames[0])
+            add("top2_both_squares", set(rank[:2]) == set(frames))
+    return {name: sum(values) / len(values) for name, values in hits.items()}
 
 
 def check_slow_path(contexts: list[state.SlowContext], *, rows: int, expected: bool) -> None:
@@ -268,11 +337,17 @@ def train_adapter(config: DemoConfig, base_dir: Path, slowfast: SlowFastConfig, 
 def write_data(config: DemoConfig) -> Path:
     """Write the needle videos and annotations of every split under `output_dir/data`; returns that folder."""
     data = Path(config.output_dir) / "data"
-    write_split(data, "pretrain", config.num_pretrain, num_frames=config.native_frames, size=config.frame_size,
-                needle_size=config.needle_size)  # fmt: skip
+    size = {"size": config.frame_size, "needle_size": config.needle_size}
+    if config.task == "order":  # high-frame videos: squares only in frames the fast tokens and (a) skip
+        stride = plan_fast_frames(config.high_frames, config.slowfast_config()).sampling_stride
+        hidden = hidden_frames(config.high_frames, fast_stride=stride, native_frames=config.native_frames)
+        write_order_split(data, "pretrain", config.num_pretrain, num_frames=config.native_frames, **size)
+        for split, count in (("train", config.num_train), ("val", config.num_val), ("test", config.num_test)):
+            write_order_split(data, split, count, num_frames=config.high_frames, frames=hidden, **size)
+        return data
+    write_split(data, "pretrain", config.num_pretrain, num_frames=config.native_frames, **size)
     for split, count in (("train", config.num_train), ("val", config.num_val), ("test", config.num_test)):
-        write_split(data, split, count, num_frames=config.high_frames, size=config.frame_size,
-                    needle_size=config.needle_size)  # fmt: skip
+        write_split(data, split, count, num_frames=config.high_frames, **size)
     return data
 
 
@@ -320,7 +395,7 @@ def run(config: DemoConfig | None = None, log: Callable[[str], None] = tqdm.writ
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
 
-    log(f"[1/5] writing needle videos to {out / 'data'}")
+    log(f"[1/5] writing {config.task} videos to {out / 'data'}")
     data = write_data(config)
     log(f"      {config.num_pretrain} pretrain videos of {config.native_frames} frames; train/val/test "
         f"{config.num_train}/{config.num_val}/{config.num_test} of {config.high_frames} frames "
@@ -336,27 +411,7 @@ def run(config: DemoConfig | None = None, log: Callable[[str], None] = tqdm.writ
     log(f"      saved the adapter to {out / 'adapter'} ({time.perf_counter() - t0:.0f} s)")
 
     log("[4/5] evaluating on the test split")
-    test_high = NeedleTask(data, "test", config.high_frames, processor)
-    test_native = NeedleTask(data, "test", config.native_frames, processor)
-    sample = test_high.prompt_batch([0])
-    native_sample = test_native.prompt_batch([0])
-    rows = []
-
-    def measure(name: str, description: str, task: NeedleTask, inputs, context=None) -> None:
-        with context() if context else nullcontext():
-            acc = accuracy(model, task, slow_path=context is None)
-            flops = prefill_flops(model, inputs)
-        rows.append({"setting": name, "description": description, "frames": task.videos[0].shape[0],
-                     "accuracy": acc, "llm_prefill_flops": flops["total"], "flops": flops})  # fmt: skip
-        log(f"      {name}: accuracy {acc:.3f}, LLM prefill {flops['total'] / 1e6:.2f} MFLOP")
-
-    measure("(a) base, native frames", "base model, native tokens", test_native, native_sample, model.disable_adapter)
-    measure("(b) fast tokens only", "slow_path_disabled()", test_high, sample, model.slow_path_disabled)
-    measure("(c) slow-fast adapter", "fast tokens + slow cross-attention", test_high, sample)
-    peaks = needle_peaks(model, test_high)
-    rows[-1]["looked_at_needle"] = sum(peaks) / len(peaks)
-    log(f"      where it looked: the map peaks at the needle's frame on {sum(peaks)}/{len(peaks)} test videos")
-    measure("(d) base, all native tokens", "base model, native tokens", test_high, sample, model.disable_adapter)
+    rows = evaluate(config, model, processor, data, log=log)
 
     log("[5/5] writing the results")
     summary = {
@@ -371,22 +426,76 @@ def run(config: DemoConfig | None = None, log: Callable[[str], None] = tqdm.writ
     return summary
 
 
+def evaluate(config: DemoConfig, model, processor, data: Path, *, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Rows (a)-(d) and one pruning row per `config.pruning_rules` on the test split: accuracy, LLM prefill FLOPs
+    (one prompt, counted on a real forward) and the video tokens in the LLM sequence; (c) also where it looked."""
+    test_high = NeedleTask(data, "test", config.high_frames, processor)
+    test_native = NeedleTask(data, "test", config.native_frames, processor)
+    sample = test_high.prompt_batch([0])
+    native_sample = test_native.prompt_batch([0])
+    video_id = model.base_model.config.video_token_id
+    rows = []
+
+    def measure(name: str, description: str, task: NeedleTask, inputs, context=None, pruning=None) -> None:
+        with context() if context else nullcontext():
+            acc = accuracy(model, task, slow_path=context is None, pruning=pruning)
+            flops = prefill_flops(model, inputs)
+            tokens = model.prepare_inputs(**inputs).input_ids if context == model.slow_path_disabled else None
+        if tokens is None:
+            tokens = inputs["input_ids"]
+        rows.append({"setting": name, "description": description, "frames": task.videos[0].shape[0],
+                     "video_tokens": int((tokens[0] == video_id).sum()), "accuracy": acc,
+                     "llm_prefill_flops": flops["total"], "flops": flops})  # fmt: skip
+        log(f"      {name}: accuracy {acc:.3f}, LLM prefill {flops['total'] / 1e6:.2f} MFLOP")
+
+    measure("(a) base, native frames", "base model, native tokens", test_native, native_sample, model.disable_adapter)
+    measure("(b) fast tokens only", "slow_path_disabled()", test_high, sample, model.slow_path_disabled)
+    measure("(c) slow-fast adapter", "fast tokens + slow cross-attention", test_high, sample)
+    rows[-1]["video_tokens"] = rows[-2]["video_tokens"]  # the fast tokens; the slow ones are not in the sequence
+    rows[-1]["looked"] = looked_rates(test_high.records, frame_ranks(model, test_high))
+    if config.task == "needle":
+        rows[-1]["looked_at_needle"] = rows[-1]["looked"]["peak"]
+    log(f"      where it looked: {rows[-1]['looked']}")
+    measure("(d) base, all native tokens", "base model, native tokens", test_high, sample, model.disable_adapter)
+    flops_c = rows[2]["llm_prefill_flops"]
+    for letter, rule in zip("ef", config.pruning_rules, strict=False):
+        tokens = rows[1]["video_tokens"], rows[3]["video_tokens"]  # fast tokens .. every native token
+        budget = pruning_budget(model, sample, rule, flops_c, tokens=tokens)
+        pruned = pruned_inputs(model, sample, rule, budget).model_inputs
+        name = {"evs": "EVS", "vidcom2": "VidCom2-style"}.get(rule, rule)
+        measure(f"({letter}) base, {name} pruning", f"{rule} to {budget} video tokens, training-free", test_high,
+                pruned, model.disable_adapter, pruning=(rule, budget))  # fmt: skip
+    return rows
+
+
+def pruning_budget(model, sample: dict[str, Any], rule: str, max_flops: int, *, tokens: tuple[int, int]) -> int:
+    """The most video tokens (newline included, in `tokens` = (least, most)) whose LLM prefill FLOPs on `sample` (one
+    prompt) stay within `max_flops` when the base runs `rule`'s pruned tokens."""
+    budget, most = tokens
+    with model.disable_adapter():
+        while budget < most:
+            flops = prefill_flops(model, pruned_inputs(model, sample, rule, budget + 1).model_inputs)["total"]
+            if flops > max_flops:
+                break
+            budget += 1
+    return budget
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
     lines = [
-        "| setting | frames | accuracy | LLM prefill MFLOP |",
-        "|---|---|---|---|",
+        "| setting | frames | video tokens in the LLM | accuracy | LLM prefill MFLOP |",
+        "|---|---|---|---|---|",
     ]
     for row in summary["results"]:
         lines.append(
-            f"| {row['setting']} | {row['frames']} | {row['accuracy']:.3f} | {row['llm_prefill_flops'] / 1e6:.2f} |"
+            f"| {row['setting']} | {row['frames']} | {row.get('video_tokens', '')} | {row['accuracy']:.3f} | "
+            f"{row['llm_prefill_flops'] / 1e6:.2f} |"
         )
     lines.append(f"\nChance accuracy: {summary['chance']:.2f}.")
-    looked = [row["looked_at_needle"] for row in summary["results"] if "looked_at_needle" in row]
+    looked = [row["looked"] for row in summary["results"] if "looked" in row]
     if looked:
-        lines.append(
-            f"Where it looked: the slow-fast adapter's per-frame map peaks at the needle's frame on {looked[0]:.1%} "
-            "of the test videos (chance: 1 / frames)."
-        )
+        rates = ", ".join(f"{name} {value:.1%}" for name, value in looked[0].items())
+        lines.append(f"Where it looked (the slow-fast adapter's per-frame map, test videos): {rates}.")
     return "\n".join(lines)
 
 
@@ -412,7 +521,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
     ax.margins(x=0.3)  # room for the labels
-    ax.set_title("Video needle in a haystack")
+    ax.set_title({"needle": "Video needle in a haystack", "order": "Which color came first?"}[
+        summary["config"].get("task", "needle")])  # fmt: skip
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path)

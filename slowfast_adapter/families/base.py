@@ -35,6 +35,8 @@ class ModelFamily:
     # The hybrid query: how a layer's attention module makes queries and applies RoPE.
     query_states = staticmethod(default_query_states)
     rope = staticmethod(apply_rope)
+    slow_key_positions: tuple[str, ...] = ("none",)
+    """The `SlowFastConfig.slow_key_positions` values this family implements."""
 
     def prepare(
         self,
@@ -156,6 +158,17 @@ def add_images(
     mm_outputs["image"] = image_output
     if config.image_slow_tokens:
         slow_items += [SlowItemTokens(int(row), image) for row, image in zip(rows, images, strict=True)]
+
+
+def add_key_rope(model: nn.Module, slow: SlowTokens | None) -> None:
+    """Set `slow.key_rope` (cos, sin) [B, S, hd] from the language model's own rotary embedding at
+    `slow.key_positions` (1-D positions; nothing to do without them)."""
+    if slow is None or slow.key_positions is None:
+        return
+    rotary = getattr(surface.language_model(model), "rotary_emb", None)
+    if rotary is None:
+        raise surface.changed("model.model.language_model.rotary_emb", "slow_key_positions needs the LLM's RoPE.")
+    slow.key_rope = rotary(slow.tokens, slow.key_positions.to(slow.tokens.device))
 
 
 def finish_prepare(

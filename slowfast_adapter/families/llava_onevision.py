@@ -18,9 +18,15 @@ from ..config import SlowFastConfig
 from ..core import surface
 from ..core.encoded import EncodedVideos, encoded_items
 from ..core.pooling import plan_fast_frames, pool_fast_frames
-from ..core.sequence import mask_positions, placeholder_item_rows, placeholder_keep_mask
+from ..core.sequence import (
+    item_start_positions,
+    mask_positions,
+    placeholder_item_rows,
+    placeholder_keep_mask,
+    temporal_positions,
+)
 from ..core.types import PreparedInputs, SlowItemTokens, VideoFeatures, VideoLayout
-from .base import ModelFamily, add_images, finish_prepare, pop_input_ids
+from .base import ModelFamily, add_images, add_key_rope, finish_prepare, pop_input_ids
 
 _FEATURE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
 
@@ -29,6 +35,7 @@ class LlavaOnevisionFamily(ModelFamily):
     name = "llava_onevision"
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     projector_modules = ("model.multi_modal_projector",)
+    slow_key_positions = ("none", "temporal")
 
     def video_grid(self, model: nn.Module) -> tuple[int, int]:
         """(h, w) of one frame's native video token grid."""
@@ -127,9 +134,15 @@ class LlavaOnevisionFamily(ModelFamily):
             keep &= placeholder_keep_mask(input_ids, video_id, native, torch.full_like(native, fast.shape[1]))
             mm_outputs["video"] = BaseModelOutputWithPooling(pooler_output=fast)
             units = self.unit_counts(video_inputs)
+            positions: list[torch.Tensor | None] = [None] * num_videos
+            if config.slow_key_positions == "temporal":  # each frame at its time within the fast tokens' span
+                starts = item_start_positions(input_ids, keep, inputs.get("attention_mask"), video_id, native)
+                span = fast.shape[1] - 1  # the fast grid tokens, without the newline
+                grid = height * width
+                positions = [temporal_positions(s, span, n, grid) for s, n in zip(starts, units, strict=True)]
             slow_items += [
-                SlowItemTokens(int(row), self.slow_video_tokens(v), key, count)
-                for row, v, key, count in zip(rows, videos, keys, units, strict=True)
+                SlowItemTokens(int(row), self.slow_video_tokens(v), key, count, pos)
+                for row, v, key, count, pos in zip(rows, videos, keys, units, positions, strict=True)
             ]
 
         pixel_values = inputs.pop("pixel_values", None)
@@ -142,10 +155,19 @@ class LlavaOnevisionFamily(ModelFamily):
                 **feature_kwargs,
             )
             add_images(image_output, input_ids, image_id, config, mm_outputs, slow_items)
+            if config.slow_key_positions == "temporal" and config.image_slow_tokens:  # an image: one frame
+                images = slow_items[-len(image_output.pooler_output) :]
+                lengths = torch.tensor([item.tokens.shape[0] for item in images])
+                starts = item_start_positions(input_ids, keep, inputs.get("attention_mask"), image_id, lengths)
+                slow_items[-len(images) :] = [
+                    item._replace(positions=temporal_positions(s, 0.0, 1, int(n)))
+                    for item, s, n in zip(images, starts, lengths, strict=True)
+                ]
 
         prepared = finish_prepare(
             model, inputs, input_ids, keep, mm_outputs, slow_items, visual_token_ids=(video_id, image_id)
         )
+        add_key_rope(model, prepared.slow)
         if pixel_values_videos is not None or pixel_values is not None:
             # Positions from the mask, as `generate` computes them: a sample's positions do not depend on
             # how much padding the batch gave it (the slow-path query RoPE sees absolute positions).
