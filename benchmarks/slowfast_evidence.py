@@ -7,7 +7,8 @@ as it goes, then the spread over seeds (mean, min, max) as JSON, Markdown and a 
 
     python benchmarks/slowfast_evidence.py --work-dir /tmp/evidence [--seeds 0 1 2] [--tasks needle order]
 
-`--collect` writes the results from the runs already finished in `--work-dir` (their `evidence.json`), running nothing.
+`--collect` writes the results from the runs already finished in `--work-dir` (their `evidence.json`), running nothing;
+without it, runs already finished there are reused and the others run.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def main() -> None:
         runs, seconds = [], []
         for seed in args.seeds:
             finished = work / f"{task}-s{seed}" / "evidence.json"
-            if args.collect:
+            if args.collect or finished.exists():  # a run finished earlier (an interrupted benchmark resumes)
                 if finished.exists():
                     runs.append(json.loads(finished.read_text()))
                     seconds.append(runs[-1]["seconds"])
