@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from pathlib import Path
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -70,6 +71,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available).")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])  # fmt: skip
+    ray = parser.add_argument_group("Ray Serve (scale-out; needs `ray[serve]`)")
+    ray.add_argument("--ray", action="store_true", help="Serve with Ray Serve: --replicas copies of the model.")
+    ray.add_argument("--replicas", type=int, default=2, help="Model replicas with --ray (default 2).")
+    ray.add_argument(
+        "--ray-address", help="Join this Ray cluster (e.g. auto or ray://host:10001); default: a local one."
+    )
+    ray.add_argument(
+        "--replica-cpus", type=float, help="CPUs (and torch threads) per replica (default: the cluster's / replicas)."
+    )
+    ray.add_argument(
+        "--no-video-routing",
+        action="store_true",
+        help="Route by load alone (default: questions about a video go to the replica that encoded it).",
+    )
 
 
 def engine_arguments(args: argparse.Namespace) -> dict:
@@ -80,6 +95,10 @@ def engine_arguments(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ServeError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    if not args.ray and (args.ray_address or args.replica_cpus is not None or args.no_video_routing):
+        raise ServeError("--ray-address, --replica-cpus and --no-video-routing need --ray.")
+    if args.replica_cpus is not None and args.replica_cpus <= 0:
+        raise ServeError(f"--replica-cpus must be > 0, got {args.replica_cpus}.")
     if args.max_media_mb <= 0 or args.cache_gb < 0:
         raise ServeError("--max-media-mb must be > 0 and --cache-gb >= 0.")
     for root in args.media_root:
@@ -114,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     from .app import create_app
 
     load = engine_arguments(args)
+    if args.ray:
+        return run_ray(args, load)
     engine = Engine.load(**load)
     print(f"serving {engine.model_ids} on http://{args.host}:{args.port}/v1", flush=True)
     try:
@@ -121,3 +142,38 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+def run_ray(args: argparse.Namespace, load: dict) -> int:
+    """Serve on Ray Serve (`serve/ray_app.py`) until interrupted (Ctrl-C or SIGTERM), then stop the deployment."""
+    import signal
+
+    try:
+        from . import ray_app
+    except ImportError as err:
+        raise ServeError(f"--ray needs Ray Serve: pip install 'slowfast-adapter[serve]' ({err}).") from err
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    where = args.ray_address or "a local Ray cluster"
+    print(f"starting {args.replicas} replica(s) on {where}...", flush=True)
+    try:
+        ray_app.start(
+            load,
+            replicas=args.replicas,
+            host=args.host,
+            port=args.port,
+            address=args.ray_address,
+            cpus_per_replica=args.replica_cpus,
+            route_by_video=not args.no_video_routing,
+        )
+        print(f"serving {sorted(load['adapters'])} on http://{args.host}:{args.port}/v1 (Ray Serve, "
+              f"{args.replicas} replicas)", flush=True)  # fmt: skip
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        ray_app.shutdown(joined=bool(args.ray_address))

@@ -1,0 +1,275 @@
+"""The OpenAI-compatible app on Ray Serve: `slowfast-adapter serve --ray --replicas N`.
+
+Two deployments:
+
+- `SlowFastReplica` (N replicas): each loads its own `Engine` (model, processor, encode cache) and serves the very
+  app of the one-process server (`create_app`), built on the replica (`@serve.ingress()` with
+  `__serve_build_asgi_app__`). Its `submit` hook queues prepared jobs into a `@serve.batch` method that runs them
+  with `Engine.run_batch` in a worker thread: compatible requests that arrive together become one left-padded
+  `generate`, exactly as in the one-process server's worker, and the replica's encode cache serves its repeats.
+- `VideoRouter` (the HTTP ingress, one light replica): reads the request body, computes a routing key from the
+  request's video URLs (`video_key`) and forwards the request to a replica with
+  `handle.options(multiplexed_model_id=key)`. Each replica registers the keys it has served through
+  `@serve.multiplexed`, so Ray Serve's router sends later questions about a video to the replica that encoded it
+  (unless that one is saturated; new videos go to the replica holding the fewest). Requests without video are
+  routed by load alone.
+
+Replies carry `x-slowfast-replica` (which replica answered) and, for non-streaming answers, `x-slowfast-batch`
+(requests in the batch that ran it) and `x-slowfast-cache` (`hit` when its videos were already encoded there).
+
+Ray is imported only here, so the one-process server does not need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from ray import serve
+
+from ..inference.engine import ChatJob, Engine
+from .app import create_app
+
+APP_NAME = "slowfast-adapter"
+BATCH_WAIT_S = 0.01  # how long a replica waits for more requests to join a batch
+VIDEOS_PER_REPLICA = 256  # routing keys a replica advertises (least recently used dropped first)
+HEADER_REPLICA, HEADER_BATCH, HEADER_CACHE = "x-slowfast-replica", "x-slowfast-batch", "x-slowfast-cache"
+
+
+def video_key(body: bytes) -> str:
+    """The routing key of a chat request: a digest of its `video_url` URLs in order ('' when it has none or the body
+    is not a chat request; the replica then answers it, errors included)."""
+    try:
+        messages = json.loads(body).get("messages", [])
+        urls = [
+            str(part["video_url"]["url"] if isinstance(part["video_url"], dict) else part["video_url"])
+            for message in messages
+            if isinstance(message.get("content"), list)
+            for part in message["content"]
+            if isinstance(part, dict) and part.get("type") == "video_url" and part.get("video_url")
+        ]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return ""
+    if not urls:
+        return ""
+    return hashlib.blake2b("\n".join(urls).encode(), digest_size=12).hexdigest()
+
+
+@dataclass
+class _Exchange:
+    """The jobs one forwarded request submitted (the replica's submit hook learns of them through a context
+    variable set for the request's task)."""
+
+    jobs: list[ChatJob] = field(default_factory=list)
+
+
+@serve.deployment
+class SlowFastReplica:
+    """One `Engine` and the one-process server's app; prepared jobs are batched with `@serve.batch`."""
+
+    def __init__(self, load: dict[str, Any], threads: int | None = None) -> None:
+        torch.set_num_threads(threads or max(1, int(float(os.environ.get("OMP_NUM_THREADS", "0")) or 1)))
+        self.engine = Engine.load(**load)
+        self._run_jobs.set_max_batch_size(max(1, self.engine.settings.max_batch_size))
+        self._tasks: set[asyncio.Task] = set()
+        self._batch_sizes: dict[str, int] = {}  # job id -> requests in the batch that ran it
+        # the forwarded request being served (made here: the class is pickled by value, a ContextVar cannot be)
+        self._exchange: contextvars.ContextVar[_Exchange | None] = contextvars.ContextVar("exchange", default=None)
+        self.replica = serve.get_replica_context().replica_tag
+        self.http_app = create_app(self.engine, submit=self.submit, title="slowfast-adapter (Ray Serve replica)")
+
+    def submit(self, job: ChatJob) -> None:
+        """`create_app`'s submit hook: queue the prepared job for the next batch (returns at once)."""
+        exchange = self._exchange.get()
+        if exchange is not None:
+            exchange.jobs.append(job)
+        task = asyncio.ensure_future(self._run_jobs(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def _run_jobs(self, jobs: list[ChatJob]) -> list[None]:
+        """Run one batch of prepared jobs in a worker thread; each job is finished (result or error) after it."""
+        for job in jobs:
+            self._batch_sizes[job.id] = len(jobs)
+        try:
+            await asyncio.to_thread(self.engine.run_batch, jobs)
+        except Exception as err:  # run_batch finishes its jobs; this only guards against a bug in it
+            for job in jobs:
+                if not job.done.is_set():
+                    job.finish(error=err)
+        return [None] * len(jobs)
+
+    @serve.multiplexed(max_num_models_per_replica=VIDEOS_PER_REPLICA)
+    async def _claim(self, key: str) -> str:
+        """Advertise `key` (a request's videos) as served here, so Ray Serve routes its repeats to this replica."""
+        return key
+
+    async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes) -> AsyncIterator:
+        """Run one HTTP request through the app: yields ("start", status, headers), then body chunks (bytes).
+        Cancelling this generator (the client went away) disconnects the request, which cancels its job."""
+        key = serve.get_multiplexed_model_id()
+        if key:
+            await self._claim(key)
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query,
+                 "root_path": "", "headers": [(bytes(k), bytes(v)) for k, v in headers], "server": ("ray", 0),
+                 "client": ("127.0.0.1", 0)}  # fmt: skip
+        messages: asyncio.Queue = asyncio.Queue()
+        gone = asyncio.Event()
+        received = False
+
+        async def receive() -> dict:
+            nonlocal received
+            if not received:
+                received = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        exchange = _Exchange()
+        context = contextvars.copy_context()
+        context.run(self._exchange.set, exchange)
+        task = asyncio.get_running_loop().create_task(self.http_app(scope, receive, messages.put), context=context)
+        task.add_done_callback(lambda _: messages.put_nowait(None))
+        try:
+            while (message := await messages.get()) is not None:
+                if message["type"] == "http.response.start":
+                    yield ("start", message["status"], [*message.get("headers", []), *self._headers(exchange)])
+                elif message["type"] == "http.response.body" and message.get("body"):
+                    yield message["body"]
+            task.result()  # re-raise what the app raised
+        finally:
+            gone.set()
+            for job in exchange.jobs:
+                self._batch_sizes.pop(job.id, None)
+                if not job.done.is_set():
+                    job.cancelled.set()
+            if not task.done():
+                task.cancel()
+
+    def _headers(self, exchange: _Exchange) -> list[tuple[bytes, bytes]]:
+        headers = [(HEADER_REPLICA.encode(), self.replica.encode())]
+        finished = [job for job in exchange.jobs if job.done.is_set()]
+        if finished and finished[-1].result is not None:
+            job = finished[-1]
+            headers.append((HEADER_BATCH.encode(), str(self._batch_sizes.get(job.id, 1)).encode()))
+            headers.append((HEADER_CACHE.encode(), b"hit" if job.result.cache_hit else b"miss"))
+        return headers
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress()
+class VideoRouter:
+    """The HTTP entry point: forwards every request to a replica, keyed by its videos (see the module docstring)."""
+
+    def __init__(self, replicas: Any, route_by_video: bool = True) -> None:
+        self.replicas = replicas
+        self.route_by_video = route_by_video
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The router's app (built on its replica, after `__init__`)."""
+        return router_app(self.replicas, self.route_by_video)
+
+
+def router_app(replicas: Any, route_by_video: bool) -> FastAPI:
+    """One catch-all route that forwards each request to a replica (keyed by its videos) and relays the replica's
+    answer as it comes. (A module-level function: the deployment class is pickled by value, and FastAPI must resolve
+    this module's annotations.)"""
+    app = FastAPI(title="slowfast-adapter (Ray Serve)")
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def proxy(request: Request) -> Response:
+        body = await request.body()
+        key = video_key(body) if route_by_video and request.method == "POST" else ""
+        handle = replicas.options(stream=True, **({"multiplexed_model_id": key} if key else {}))
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in (b"host", b"content-length")]
+        headers.append((b"content-length", str(len(body)).encode()))
+        reply = handle.forward.remote(request.method, request.url.path, request.url.query.encode(), headers, body)
+        try:
+            _, status, response_headers = await reply.__anext__()
+        except BaseException:
+            reply.cancel()
+            raise
+        return StreamingResponse(_relay(reply), status_code=status, headers=_response_headers(response_headers))
+
+    return app
+
+
+async def _relay(reply: Any) -> AsyncIterator[bytes]:
+    """The replica's body chunks; cancels the replica's request when the client goes away."""
+    finished = False
+    try:
+        async for chunk in reply:
+            yield chunk
+        finished = True
+    finally:
+        if not finished:
+            reply.cancel()
+
+
+def _response_headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    skip = {"content-length", "transfer-encoding"}  # the relay streams; the server sets these itself
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in raw if k.decode("latin-1").lower() not in skip}
+
+
+def build(
+    load: dict[str, Any],
+    *,
+    replicas: int = 2,
+    cpus_per_replica: float = 1.0,
+    route_by_video: bool = True,
+    max_ongoing_requests: int | None = None,
+) -> Any:
+    """The Ray Serve application: `VideoRouter` in front of `replicas` `SlowFastReplica`s, each loading
+    `Engine.load(**load)` with `cpus_per_replica` CPUs (and as many torch threads)."""
+    batch = load["settings"].max_batch_size if load.get("settings") else 8
+    engine = SlowFastReplica.options(
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": cpus_per_replica},
+        max_ongoing_requests=max_ongoing_requests or max(16, 4 * batch),
+    ).bind(load, max(1, round(cpus_per_replica)))
+    return VideoRouter.bind(engine, route_by_video)
+
+
+def start(
+    load: dict[str, Any],
+    *,
+    replicas: int,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    cpus_per_replica: float | None = None,
+    route_by_video: bool = True,
+) -> None:
+    """Start a local Ray cluster (`num_cpus`: default all cores) or join one (`address`), deploy `build(...)` on
+    http://host:port and return once every replica is up. Call `shutdown()` when done."""
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    if cpus_per_replica is None:
+        cpus_per_replica = max(1.0, float(int(ray.available_resources().get("CPU", 1)) // replicas))
+    serve.start(http_options={"host": host, "port": port})
+    app = build(load, replicas=replicas, cpus_per_replica=cpus_per_replica, route_by_video=route_by_video)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def shutdown(*, joined: bool = False) -> None:
+    """Remove the application and disconnect from Ray: a local cluster (started by `run`) is stopped with Ray
+    Serve, processes included; on a joined cluster (`address`) only this application is deleted."""
+    try:
+        serve.delete(APP_NAME) if joined else serve.shutdown()
+    finally:
+        ray.shutdown()
