@@ -26,7 +26,6 @@ import asyncio
 import contextvars
 import hashlib
 import json
-import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,10 +76,11 @@ class _Exchange:
 class SlowFastReplica:
     """One `Engine` and the one-process server's app; prepared jobs are batched with `@serve.batch`."""
 
-    def __init__(self, load: dict[str, Any], threads: int | None = None) -> None:
-        torch.set_num_threads(threads or max(1, int(float(os.environ.get("OMP_NUM_THREADS", "0")) or 1)))
+    def __init__(self, load: dict[str, Any], threads: int = 1, batch_wait_s: float = BATCH_WAIT_S) -> None:
+        torch.set_num_threads(threads)
         self.engine = Engine.load(**load)
         self._run_jobs.set_max_batch_size(max(1, self.engine.settings.max_batch_size))
+        self._run_jobs.set_batch_wait_timeout_s(batch_wait_s)
         self._tasks: set[asyncio.Task] = set()
         self._batch_sizes: dict[str, int] = {}  # job id -> requests in the batch that ran it
         # the forwarded request being served (made here: the class is pickled by value, a ContextVar cannot be)
@@ -229,16 +229,18 @@ def build(
     replicas: int = 2,
     cpus_per_replica: float = 1.0,
     route_by_video: bool = True,
+    batch_wait_s: float = BATCH_WAIT_S,
     max_ongoing_requests: int | None = None,
 ) -> Any:
     """The Ray Serve application: `VideoRouter` in front of `replicas` `SlowFastReplica`s, each loading
-    `Engine.load(**load)` with `cpus_per_replica` CPUs (and as many torch threads)."""
+    `Engine.load(**load)` with `cpus_per_replica` CPUs (and as many torch threads); a replica waits up to
+    `batch_wait_s` for requests to join a batch."""
     batch = load["settings"].max_batch_size if load.get("settings") else 8
     engine = SlowFastReplica.options(
         num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica},
         max_ongoing_requests=max_ongoing_requests or max(16, 4 * batch),
-    ).bind(load, max(1, round(cpus_per_replica)))
+    ).bind(load, max(1, round(cpus_per_replica)), batch_wait_s)
     return VideoRouter.bind(engine, route_by_video)
 
 
@@ -252,6 +254,7 @@ def start(
     num_cpus: int | None = None,
     cpus_per_replica: float | None = None,
     route_by_video: bool = True,
+    batch_wait_s: float = BATCH_WAIT_S,
 ) -> None:
     """Start a local Ray cluster (`num_cpus`: default all cores) or join one (`address`), deploy `build(...)` on
     http://host:port and return once every replica is up. Call `shutdown()` when done."""
@@ -262,7 +265,8 @@ def start(
     if cpus_per_replica is None:
         cpus_per_replica = max(1.0, float(int(ray.available_resources().get("CPU", 1)) // replicas))
     serve.start(http_options={"host": host, "port": port})
-    app = build(load, replicas=replicas, cpus_per_replica=cpus_per_replica, route_by_video=route_by_video)
+    app = build(load, replicas=replicas, cpus_per_replica=cpus_per_replica, route_by_video=route_by_video,
+                batch_wait_s=batch_wait_s)  # fmt: skip
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
 
 

@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--replica-cpus", type=float, help="CPUs (and torch threads) per replica (default: the cluster's / replicas)."
     )
     ray.add_argument(
+        "--batch-wait-ms", type=float, default=10.0, help="How long a replica waits for a batch to fill (default 10)."
+    )
+    ray.add_argument(
         "--no-video-routing",
         action="store_true",
         help="Route by load alone (default: questions about a video go to the replica that encoded it).",
@@ -95,10 +98,6 @@ def engine_arguments(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ServeError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
-    if not args.ray and (args.ray_address or args.replica_cpus is not None or args.no_video_routing):
-        raise ServeError("--ray-address, --replica-cpus and --no-video-routing need --ray.")
-    if args.replica_cpus is not None and args.replica_cpus <= 0:
-        raise ServeError(f"--replica-cpus must be > 0, got {args.replica_cpus}.")
     if args.max_media_mb <= 0 or args.cache_gb < 0:
         raise ServeError("--max-media-mb must be > 0 and --cache-gb >= 0.")
     for root in args.media_root:
@@ -125,6 +124,18 @@ def engine_arguments(args: argparse.Namespace) -> dict:
     }
 
 
+def check_ray_arguments(args: argparse.Namespace) -> None:
+    """Refuse Ray options without `--ray` and out-of-range values (before anything is loaded)."""
+    if not args.ray and (args.ray_address or args.replica_cpus is not None or args.no_video_routing):
+        raise ServeError("--ray-address, --replica-cpus and --no-video-routing need --ray.")
+    if args.replicas < 1:
+        raise ServeError(f"--replicas must be >= 1, got {args.replicas}.")
+    if args.replica_cpus is not None and args.replica_cpus <= 0:
+        raise ServeError(f"--replica-cpus must be > 0, got {args.replica_cpus}.")
+    if args.batch_wait_ms < 0:
+        raise ServeError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}.")
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     import uvicorn
@@ -132,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference.engine import Engine
     from .app import create_app
 
+    check_ray_arguments(args)
     load = engine_arguments(args)
     if args.ray:
         return run_ray(args, load)
@@ -168,6 +180,7 @@ def run_ray(args: argparse.Namespace, load: dict) -> int:
             address=args.ray_address,
             cpus_per_replica=args.replica_cpus,
             route_by_video=not args.no_video_routing,
+            batch_wait_s=args.batch_wait_ms / 1000,
         )
         print(f"serving {sorted(load['adapters'])} on http://{args.host}:{args.port}/v1 (Ray Serve, "
               f"{args.replicas} replicas)", flush=True)  # fmt: skip

@@ -1,0 +1,199 @@
+"""`slowfast-adapter serve --ray --replicas 2` on the CPU, through the front door: the CLI in its own process (a local
+Ray cluster), the official `openai` client over HTTP.
+
+Checked against the one-process path (an `Engine` answering one request at a time, greedy): every answer equal token
+for token, while requests run batched on the replicas; streaming equals non-streaming; a repeat question about a video
+reaches the replica that encoded it and hits its encode cache; both replicas serve; errors keep their status; Ctrl-C
+stops the server and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ray.serve")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import slowfast_adapter as sfa  # noqa: E402
+from slowfast_adapter.inference.chat import SamplingParams  # noqa: E402
+from slowfast_adapter.inference.engine import Engine, EngineSettings  # noqa: E402
+from slowfast_adapter.tools.tiny import random_video, write_mp4  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a Ray cluster and two model replicas: ~40-60 s on 2 busy cores
+
+FRAMES, TOKENS, VIDEOS = 8, 6, 6
+BATCHED, ROUTED = range(0, 3), range(3, 6)  # videos of the batching test, videos first seen by the routing test
+QUESTIONS = ["What happens?", "Which colours do you see?"]
+STARTUP_S = 240
+
+
+def chat(video: str, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
+                                         {"type": "text", "text": question}]}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dirs, tmp_path_factory):
+    """(base folder, adapter folder, video folder, openai client, base URL) of a running `serve --ray` process;
+    stopped with Ctrl-C at the end, which must end every process it started."""
+    from transformers import AutoModelForImageTextToText
+
+    root = tmp_path_factory.mktemp("ray")
+    base_dir = tiny_dirs("llava_onevision")
+    model = sfa.wrap(
+        AutoModelForImageTextToText.from_pretrained(base_dir).eval(),
+        sfa.SlowFastConfig(min_fast_frames=2, temporal_sampling_stride=2, temporal_pooling_stride=2),
+    )
+    with torch.no_grad():  # open the gates: the slow tokens move the answer
+        for branch in model.slow_branches.values():
+            branch.attn_gate.fill_(1.5)
+    model.save_pretrained(root / "adapter")
+    videos = root / "videos"
+    videos.mkdir()
+    for i in range(VIDEOS):
+        write_mp4(videos / f"v{i}.mp4", random_video(16, size=32, seed=i))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "slowfast_adapter.cli", "serve", "--base", str(base_dir), "--adapter",
+               f"a={root / 'adapter'}", "--media-root", str(videos), "--num-frames", str(FRAMES), "--port", str(port),
+               "--ray", "--replicas", "2", "--replica-cpus", "1", "--batch-wait-ms", "500"]  # fmt: skip
+    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "RAY_DEDUP_LOGS": "0"}
+    log = (root / "server.log").open("w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            assert process.poll() is None, (root / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Ray server did not come up"
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield base_dir, root / "adapter", videos, client, url
+    finally:
+        stopped = _stop(process)
+        log.close()
+    assert stopped == 0, (root / "server.log").read_text()[-3000:]
+    assert _session_members(process.pid) == [], "serve --ray left processes behind"
+
+
+def _stop(process: subprocess.Popen) -> int | None:
+    """Ctrl-C the server; if it does not end in time, kill its process group (`_session_members` kills the rest)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            return process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return None
+    return process.returncode
+
+
+def _session_members(session: int) -> list[str]:
+    """Live processes of the server's session (Ray's daemons and workers), after a grace period for them to exit;
+    any left are killed (by id) before the test fails."""
+    for _ in range(30):
+        out = subprocess.run(["ps", "-eo", "sid=,stat=,pid=,comm="], capture_output=True, text=True).stdout
+        rows = [line.split() for line in out.splitlines()]
+        alive = [row for row in rows if row[0] == str(session) and not row[1].startswith("Z")]
+        if not alive:
+            return []
+        time.sleep(1)
+    for row in alive:
+        os.kill(int(row[2]), signal.SIGKILL)
+    return [" ".join(row) for row in alive]
+
+
+@pytest.fixture(scope="module")
+def expected(served):
+    """The one-process answers: an `Engine` answering each (video, question) alone, greedy."""
+    base_dir, adapter, videos, _, _ = served
+    engine = Engine.load(base_dir, {"a": adapter}, media_roots=[videos],
+                         settings=EngineSettings(num_frames=FRAMES, max_batch_size=1))  # fmt: skip
+    try:
+        return {
+            (i, q): engine.chat(chat(f"v{i}.mp4", q), sampling=SamplingParams(max_tokens=TOKENS)).text
+            for i in range(VIDEOS)
+            for q in QUESTIONS
+        }
+    finally:
+        engine.close()
+
+
+def ask(client, video: int, question: str, **kwargs):
+    """(answer text, response headers) of a non-streaming request."""
+    raw = client.chat.completions.with_raw_response.create(
+        model="a", messages=chat(f"v{video}.mp4", question), max_tokens=TOKENS, temperature=0, **kwargs
+    )
+    return raw.parse().choices[0].message.content, raw.headers
+
+
+def test_batched_answers_equal_one_by_one(served, expected):
+    """All questions at once: the replicas batch them (500 ms wait), and every answer equals the one-process one."""
+    client = served[3]
+    keys = [(i, q) for i in BATCHED for q in QUESTIONS]
+    with ThreadPoolExecutor(len(keys)) as pool:
+        replies = list(pool.map(lambda key: ask(client, *key), keys))
+    for key, (text, _) in zip(keys, replies, strict=True):
+        assert text == expected[key], key
+    assert max(int(headers["x-slowfast-batch"]) for _, headers in replies) > 1, "no request ran batched"
+    assert len(set(expected.values())) > 1  # the answers depend on the video and the question
+
+
+def test_repeats_reach_the_replica_that_encoded_the_video(served, expected):
+    """Sequential questions about new videos: the repeats go to the video's replica and hit its encode cache.
+    (Questions about a new video that arrive together may land on both replicas before either has it.)"""
+    client = served[3]
+    first = {}
+    for rounds in range(2):
+        for i in ROUTED:
+            text, headers = ask(client, i, QUESTIONS[rounds % 2])
+            assert text == expected[(i, QUESTIONS[rounds % 2])]
+            replica = headers["x-slowfast-replica"]
+            if rounds:
+                assert replica == first[i], f"video {i} moved from replica {first[i]} to {replica}"
+                assert headers["x-slowfast-cache"] == "hit"
+            first.setdefault(i, replica)
+    assert len(set(first.values())) == 2, "one replica served every video"
+
+
+def test_streaming_equals_non_streaming(served, expected):
+    client = served[3]
+    stream = client.chat.completions.create(model="a", messages=chat("v1.mp4", QUESTIONS[0]), max_tokens=TOKENS,
+                                            temperature=0, stream=True)  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected[(1, QUESTIONS[0])]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_errors_keep_their_status(served):
+    client, url = served[3], served[4]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=chat("v0.mp4", "Hi"), max_tokens=2)
+    with pytest.raises(openai.NotFoundError, match="no such file"):
+        client.chat.completions.create(model="a", messages=chat("missing.mp4", "Hi"), max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="num_frames"):
+        client.chat.completions.create(model="a", messages=chat("v0.mp4", "Hi"), max_tokens=2,
+                                       extra_body={"mm_processor_kwargs": {"num_frames": 1000}})  # fmt: skip
+    assert [m.id for m in client.models.list()] == ["a"]
+    reply = httpx.post(f"{url}/v1/chat/completions", content=b"{bad json", headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
