@@ -147,7 +147,8 @@ def ask(client, video: int, question: str, **kwargs):
 
 
 def test_batched_answers_equal_one_by_one(served, expected):
-    """All questions at once: the replicas batch them (500 ms wait), and every answer equals the one-process one."""
+    """All questions at once: each video's questions meet on one replica (the videos spread over both), run batched
+    there (500 ms wait), and every answer equals the one-process one."""
     client = served[3]
     keys = [(i, q) for i in BATCHED for q in QUESTIONS]
     with ThreadPoolExecutor(len(keys)) as pool:
@@ -155,12 +156,16 @@ def test_batched_answers_equal_one_by_one(served, expected):
     for key, (text, _) in zip(keys, replies, strict=True):
         assert text == expected[key], key
     assert max(int(headers["x-slowfast-batch"]) for _, headers in replies) > 1, "no request ran batched"
+    replicas = {i: set() for i in BATCHED}
+    for (i, _), (_, headers) in zip(keys, replies, strict=True):
+        replicas[i].add(headers["x-slowfast-replica"])
+    assert all(len(where) == 1 for where in replicas.values()), f"a video's questions went to two replicas: {replicas}"
+    assert len(set.union(*replicas.values())) == 2, "one replica served every video"
     assert len(set(expected.values())) > 1  # the answers depend on the video and the question
 
 
 def test_repeats_reach_the_replica_that_encoded_the_video(served, expected):
-    """Sequential questions about new videos: the repeats go to the video's replica and hit its encode cache.
-    (Questions about a new video that arrive together may land on both replicas before either has it.)"""
+    """Sequential questions about new videos: the repeats go to the video's replica and hit its encode cache."""
     client = served[3]
     first = {}
     for rounds in range(2):

@@ -9,10 +9,12 @@ Two deployments:
   `generate`, exactly as in the one-process server's worker, and the replica's encode cache serves its repeats.
 - `VideoRouter` (the HTTP ingress, one light replica): reads the request body, computes a routing key from the
   request's video URLs (`video_key`) and forwards the request to a replica with
-  `handle.options(multiplexed_model_id=key)`. Each replica registers the keys it has served through
-  `@serve.multiplexed`, so Ray Serve's router sends later questions about a video to the replica that encoded it
-  (unless that one is saturated; new videos go to the replica holding the fewest). Requests without video are
-  routed by load alone.
+  `handle.options(multiplexed_model_id=key)`. `VideoAffinityRouter` (Ray Serve's pluggable request router) picks the
+  replica: the one this key went to before (a new key: the replica holding the fewest keys), else a replica that
+  advertises the key (each replica registers the keys it served through `@serve.multiplexed`), else any; a replica
+  at its `max_ongoing_requests` is passed over. So every question about a video, including questions that arrive
+  together, reaches the replica that encoded it while that replica has room. Requests without video go to the least
+  loaded replica. `route_by_video=False`: Ray's default router and no keys (for comparison).
 
 Replies carry `x-slowfast-replica` (which replica answered) and, for non-streaming answers, `x-slowfast-batch`
 (requests in the batch that ran it) and `x-slowfast-cache` (`hit` when its videos were already encoded there).
@@ -26,6 +28,7 @@ import asyncio
 import contextvars
 import hashlib
 import json
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +38,8 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
 from ..inference.engine import ChatJob, Engine
 from .app import create_app
@@ -62,6 +67,38 @@ def video_key(body: bytes) -> str:
     if not urls:
         return ""
     return hashlib.blake2b("\n".join(urls).encode(), digest_size=12).hexdigest()
+
+
+class VideoAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+    """Ray Serve's replica choice for `SlowFastReplica`: a request keyed by its videos (`multiplexed_model_id`) goes
+    first to the replica this router sent that key to before, then to replicas that advertise the key (they encoded
+    it), then to any other; a new key is given to the replica holding the fewest keys, and remembered at once, so
+    questions about a new video that arrive together also meet on one replica (Ray's own multiplexing only learns a
+    key once a replica has loaded it). A full replica (at `max_ongoing_requests`) is passed over for the next rank.
+    Requests without a key may go to any replica (the least loaded)."""
+
+    def initialize_state(self, max_keys: int = 100_000, **kwargs: Any) -> None:
+        self.homes: OrderedDict[str, str] = OrderedDict()  # key -> replica unique id, least recently used first
+        self.max_keys = max_keys
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        key = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if not key or not candidate_replicas:
+            return [candidate_replicas]
+        by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
+        home = self.homes.get(key)
+        if home not in by_id:
+            held = Counter(self.homes.values())
+            home = min(by_id, key=lambda unique_id: (held[unique_id], len(by_id[unique_id].multiplexed_model_ids)))
+            self.homes[key] = home
+            while len(self.homes) > self.max_keys:
+                self.homes.popitem(last=False)
+        self.homes.move_to_end(key)
+        holders = [r for r in candidate_replicas if key in r.multiplexed_model_ids and r is not by_id[home]]
+        rest = [r for r in candidate_replicas if r is not by_id[home] and r not in holders]
+        return [[by_id[home]], holders, rest]
 
 
 @dataclass
@@ -240,6 +277,11 @@ def build(
         num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica},
         max_ongoing_requests=max_ongoing_requests or max(16, 4 * batch),
+        **(
+            {"request_router_config": RequestRouterConfig(request_router_class=VideoAffinityRouter)}
+            if route_by_video
+            else {}
+        ),
     ).bind(load, max(1, round(cpus_per_replica)), batch_wait_s)
     return VideoRouter.bind(engine, route_by_video)
 
