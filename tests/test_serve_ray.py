@@ -30,8 +30,7 @@ from slowfast_adapter.inference.chat import SamplingParams  # noqa: E402
 from slowfast_adapter.inference.engine import Engine, EngineSettings  # noqa: E402
 from slowfast_adapter.tools.tiny import random_video, write_mp4  # noqa: E402
 
-pytestmark = pytest.mark.slow  # a Ray cluster and two model replicas: ~40-60 s on 2 busy cores
-
+SLOW = pytest.mark.slow  # a Ray cluster and two model replicas: ~50-90 s on 2 busy cores
 FRAMES, TOKENS, VIDEOS = 8, 6, 6
 BATCHED, ROUTED = range(0, 3), range(3, 6)  # videos of the batching test, videos first seen by the routing test
 QUESTIONS = ["What happens?", "Which colours do you see?"]
@@ -146,6 +145,7 @@ def ask(client, video: int, question: str, **kwargs):
     return raw.parse().choices[0].message.content, raw.headers
 
 
+@SLOW
 def test_batched_answers_equal_one_by_one(served, expected):
     """All questions at once: each video's questions meet on one replica (the videos spread over both), run batched
     there (500 ms wait), and every answer equals the one-process one."""
@@ -164,6 +164,7 @@ def test_batched_answers_equal_one_by_one(served, expected):
     assert len(set(expected.values())) > 1  # the answers depend on the video and the question
 
 
+@SLOW
 def test_repeats_reach_the_replica_that_encoded_the_video(served, expected):
     """Sequential questions about new videos: the repeats go to the video's replica and hit its encode cache."""
     client = served[3]
@@ -180,6 +181,7 @@ def test_repeats_reach_the_replica_that_encoded_the_video(served, expected):
     assert len(set(first.values())) == 2, "one replica served every video"
 
 
+@SLOW
 def test_streaming_equals_non_streaming(served, expected):
     client = served[3]
     stream = client.chat.completions.create(model="a", messages=chat("v1.mp4", QUESTIONS[0]), max_tokens=TOKENS,
@@ -190,6 +192,7 @@ def test_streaming_equals_non_streaming(served, expected):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+@SLOW
 def test_errors_keep_their_status(served):
     client, url = served[3], served[4]
     with pytest.raises(openai.NotFoundError, match="does not exist"):
@@ -202,3 +205,22 @@ def test_errors_keep_their_status(served):
     assert [m.id for m in client.models.list()] == ["a"]
     reply = httpx.post(f"{url}/v1/chat/completions", content=b"{bad json", headers={"content-type": "application/json"})
     assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--replica-cpus", "1"], "need --ray"),
+        (["--ray-address", "auto"], "need --ray"),
+        (["--ray", "--replicas", "0"], "--replicas must be >= 1"),
+        (["--ray", "--replica-cpus", "0"], "--replica-cpus must be > 0"),
+        (["--ray", "--batch-wait-ms", "-1"], "--batch-wait-ms must be >= 0"),
+    ],
+)
+def test_ray_arguments_are_checked_before_anything_loads(tmp_path, capsys, extra, message):
+    """Bad Ray options end the CLI with status 2 and one line, before a model or Ray is loaded."""
+    from slowfast_adapter.cli import main
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert main(["serve", "--base", str(tmp_path / "no-base"), "--adapter", f"a={tmp_path}", *extra]) == 2
+    assert message in capsys.readouterr().err
