@@ -18,7 +18,7 @@ videos. Each answer is compared with the one-process, unbatched, uncached answer
 answered its first question (from the `x-slowfast-replica` header); for the one-process server, `cache hits` come
 from its /metrics.
 
-    python benchmarks/serve.py                       # quick model, 4 videos x 4 questions, 8 tokens
+    python benchmarks/serve.py                       # quick model, 4 videos x 4 questions, 16 tokens
     python benchmarks/serve.py --model default --videos 8 --questions 4 --tokens 32
 """
 
@@ -263,13 +263,17 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="quick")
     parser.add_argument("--frames", type=int, default=16, help="frames per video (default 16; 4x fewer fast frames)")
     parser.add_argument("--videos", type=int, default=4, help="videos per cell (default 4)")
     parser.add_argument("--questions", type=int, default=4, help="questions per video (default 4)")
-    parser.add_argument("--tokens", type=int, default=8, help="answer tokens (default 8)")
+    parser.add_argument("--tokens", type=int, default=16, help="answer tokens (default 16)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per cell")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPUs: one process's torch threads, "
                         "the Ray cluster's CPUs (split over the replicas)")  # fmt: skip
@@ -323,8 +327,8 @@ def report(args: argparse.Namespace, servers: dict, start: dict, end: dict) -> N
         f"{start['load_average_1_5_15'][0]:.2f} / {start['load_average_1_5_15'][1]:.2f} (1 / 5 min) at the start, "
         f"{end['load_average_1_5_15'][0]:.2f} at the end.",
         "",
-        "| server | setting | clients | req/s | x one process, no batching, no cache | latency p50 / p95 (s) | "
-        "TTFT p50 / p95 (s) | cache hits | sticky | answers differ |",
+        "| server | setting | clients | req/s | x one process, no batching, no cache | latency p50 / p95 (ms) | "
+        "TTFT p50 / p95 (ms) | cache hits | sticky | answers differ |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for server, cells_by_setting in servers.items():
@@ -334,8 +338,8 @@ def report(args: argparse.Namespace, servers: dict, start: dict, end: dict) -> N
                 lines.append(
                     f"| {servers_label[server]} | {labels[name]} | {clients} | {cell['throughput_rps']:.2f} | "
                     f"{cell['throughput_rps'] / reference[clients]['throughput_rps']:.2f} | "
-                    f"{fmt(cell['latency_p50_s'])} / {fmt(cell['latency_p95_s'])} | {fmt(cell['ttft_p50_s'])} / "
-                    f"{fmt(cell['ttft_p95_s'])} | {'-' if hits is None else hits} | {fmt(cell['sticky'])} | "
+                    f"{ms(cell['latency_p50_s'])} / {ms(cell['latency_p95_s'])} | {ms(cell['ttft_p50_s'])} / "
+                    f"{ms(cell['ttft_p95_s'])} | {'-' if hits is None else hits} | {fmt(cell['sticky'])} | "
                     f"{cell['answers_differ']} |"
                 )
     lines += [
