@@ -2,12 +2,14 @@
 
 Two deployments:
 
-- `SlowFastReplica` (N replicas): each loads its own `Engine` (model, processor, encode cache) and serves the very
-  app of the one-process server (`create_app`), built on the replica (`@serve.ingress()` with
-  `__serve_build_asgi_app__`). Its `submit` hook queues prepared jobs into a `@serve.batch` method that runs them
-  with `Engine.run_batch` in a worker thread: compatible requests that arrive together become one left-padded
-  `generate`, exactly as in the one-process server's worker, and the replica's encode cache serves its repeats.
-- `VideoRouter` (the HTTP ingress, one light replica): reads the request body, computes a routing key from the
+- `SlowFastReplica` (N replicas): each loads its own `Engine` (model, processor, encode cache) and runs the very
+  app of the one-process server (`create_app`) on the requests the router forwards (`forward`: one ASGI call,
+  streamed back through a Ray generator). Its `submit` hook queues prepared jobs into a `@serve.batch` method that
+  runs them with `Engine.run_batch` in a worker thread: compatible requests that arrive together become one
+  left-padded `generate`, exactly as in the one-process server's worker, and the replica's encode cache serves its
+  repeats. (Ray Serve allows one FastAPI ingress per application, and the router must see requests first.)
+- `VideoRouter` (the HTTP ingress, `@serve.ingress` with an app built on its replica; no CPU reserved): reads the
+  request body, computes a routing key from the
   request's video URLs (`video_key`) and forwards the request to a replica with
   `handle.options(multiplexed_model_id=key)`. `VideoAffinityRouter` (Ray Serve's pluggable request router) picks the
   replica: the one this key went to before (a new key: the replica holding the fewest keys), else a replica that
@@ -305,7 +307,7 @@ def start(
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
     if cpus_per_replica is None:
-        cpus_per_replica = max(1.0, float(int(ray.available_resources().get("CPU", 1)) // replicas))
+        cpus_per_replica = max(1.0, float(int(ray.cluster_resources().get("CPU", 1)) // replicas))
     serve.start(http_options={"host": host, "port": port})
     app = build(load, replicas=replicas, cpus_per_replica=cpus_per_replica, route_by_video=route_by_video,
                 batch_wait_s=batch_wait_s)  # fmt: skip
@@ -313,9 +315,12 @@ def start(
 
 
 def shutdown(*, joined: bool = False) -> None:
-    """Remove the application and disconnect from Ray: a local cluster (started by `run`) is stopped with Ray
+    """Remove the application and disconnect from Ray: a local cluster (started by `start`) is stopped with Ray
     Serve, processes included; on a joined cluster (`address`) only this application is deleted."""
     try:
-        serve.delete(APP_NAME) if joined else serve.shutdown()
+        if joined:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
     finally:
         ray.shutdown()
