@@ -9,14 +9,13 @@ Two deployments:
   left-padded `generate`, exactly as in the one-process server's worker, and the replica's encode cache serves its
   repeats. (Ray Serve allows one FastAPI ingress per application, and the router must see requests first.)
 - `VideoRouter` (the HTTP ingress, `@serve.ingress` with an app built on its replica; no CPU reserved): reads the
-  request body, computes a routing key from the
-  request's video URLs (`video_key`) and forwards the request to a replica with
-  `handle.options(multiplexed_model_id=key)`. `VideoAffinityRouter` (Ray Serve's pluggable request router) picks the
-  replica: the one this key went to before (a new key: the replica holding the fewest keys), else a replica that
-  advertises the key (each replica registers the keys it served through `@serve.multiplexed`), else any; a replica
-  at its `max_ongoing_requests` is passed over. So every question about a video, including questions that arrive
-  together, reaches the replica that encoded it while that replica has room. Requests without video go to the least
-  loaded replica. `route_by_video=False`: Ray's default router and no keys (for comparison).
+  request body, computes a routing key from the request's video URLs (`video_key`) and forwards the request to a
+  replica with `handle.options(multiplexed_model_id=key)`. `VideoAffinityRouter` (Ray Serve's pluggable request
+  router) picks the replica: the one this key went to before (a new key: the replica holding the fewest keys), else
+  a replica that advertises the key (each replica registers the keys it served through `@serve.multiplexed`), else
+  any; a replica at its `max_ongoing_requests` is passed over. So every question about a video, including questions
+  that arrive together, reaches the replica that encoded it while that replica has room. Requests without video go
+  to the least loaded replica. `route_by_video=False`: Ray's default router and no keys (for comparison).
 
 Replies carry `x-slowfast-replica` (which replica answered) and, for non-streaming answers, `x-slowfast-batch`
 (requests in the batch that ran it) and `x-slowfast-cache` (`hit` when its videos were already encoded there).
