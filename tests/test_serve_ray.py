@@ -210,8 +210,10 @@ def test_errors_keep_their_status(served):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--replica-cpus", "1"], "need --ray"),
-        (["--ray-address", "auto"], "need --ray"),
+        (["--replica-cpus", "1"], "--replica-cpus needs --ray"),
+        (["--ray-address", "auto"], "--ray-address needs --ray"),
+        (["--replicas", "3"], "--replicas needs --ray"),
+        (["--no-video-routing"], "--no-video-routing needs --ray"),
         (["--ray", "--replicas", "0"], "--replicas must be >= 1"),
         (["--ray", "--replica-cpus", "0"], "--replica-cpus must be > 0"),
         (["--ray", "--batch-wait-ms", "-1"], "--batch-wait-ms must be >= 0"),

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+RAY_OPTIONS = ("replicas", "ray_address", "replica_cpus", "batch_wait_ms", "no_video_routing")
 
 
 class ServeError(ValueError):
@@ -73,16 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])  # fmt: skip
     ray = parser.add_argument_group("Ray Serve (scale-out; needs `ray[serve]`)")
     ray.add_argument("--ray", action="store_true", help="Serve with Ray Serve: --replicas copies of the model.")
-    ray.add_argument("--replicas", type=int, default=2, help="Model replicas with --ray (default 2).")
+    ray.add_argument("--replicas", type=int, help="Model replicas with --ray (default 2).")
     ray.add_argument(
         "--ray-address", help="Join this Ray cluster (e.g. auto or ray://host:10001); default: a local one."
     )
     ray.add_argument(
         "--replica-cpus", type=float, help="CPUs (and torch threads) per replica (default: the cluster's / replicas)."
     )
-    ray.add_argument(
-        "--batch-wait-ms", type=float, default=10.0, help="How long a replica waits for a batch to fill (default 10)."
-    )
+    ray.add_argument("--batch-wait-ms", type=float, help="How long a replica waits for a batch to fill (default 10).")
     ray.add_argument(
         "--no-video-routing",
         action="store_true",
@@ -125,9 +124,13 @@ def engine_arguments(args: argparse.Namespace) -> dict:
 
 
 def check_ray_arguments(args: argparse.Namespace) -> None:
-    """Refuse Ray options without `--ray` and out-of-range values (before anything is loaded)."""
-    if not args.ray and (args.ray_address or args.replica_cpus is not None or args.no_video_routing):
-        raise ServeError("--ray-address, --replica-cpus and --no-video-routing need --ray.")
+    """Refuse Ray options without `--ray` and out-of-range values (before anything is loaded); fill in the
+    defaults of the unset ones."""
+    given = [name for name in RAY_OPTIONS if getattr(args, name) not in (None, False)]
+    if not args.ray and given:
+        raise ServeError(f"--{given[0].replace('_', '-')} needs --ray.")
+    args.replicas = 2 if args.replicas is None else args.replicas
+    args.batch_wait_ms = 10.0 if args.batch_wait_ms is None else args.batch_wait_ms
     if args.replicas < 1:
         raise ServeError(f"--replicas must be >= 1, got {args.replicas}.")
     if args.replica_cpus is not None and args.replica_cpus <= 0:
