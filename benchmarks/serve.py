@@ -1,10 +1,11 @@
 """Benchmark 8: the OpenAI-compatible server under concurrent clients, one process vs Ray Serve with 2 replicas.
 
-On the CPU benchmark model (random LLaVA-OneVision layout, `common.build_model`, wrapped with its slow-fast adapter,
-gates opened), `--clients` concurrent clients (1, 4, 16) ask `--questions` questions about each of `--videos` videos
-(mp4 files in a media folder), every request streamed (`stream: true`, greedy, `--tokens` tokens). Per cell:
-throughput (requests/s), p50/p95 latency (request sent -> last chunk) and p50/p95 time to first token (request
-sent -> first text chunk).
+On the CPU benchmark model (random LLaVA-OneVision layout, `common.build_model`; its LLM's linear weights redrawn
+with std 0.1 and its answers kept to tokens that print, so that answers differ by video and question and stream as
+text; wrapped with its slow-fast adapter, gates opened), `--clients` concurrent clients (1, 4, 16) ask `--questions`
+questions about each of `--videos` videos (mp4 files in a media folder), every request streamed (`stream: true`,
+greedy, `--tokens` tokens). Per cell: throughput (requests/s), p50/p95 latency (request sent -> last chunk) and
+p50/p95 time to first token (request sent -> first text chunk).
 
 Servers, all in this one run, one after the other:
 - one process (`slowfast-adapter serve`, a separate process, torch with all `--threads`) with batching on/off
@@ -52,6 +53,7 @@ SETTINGS = {  # name -> (label, max batch size, cache GB)
     "nobatch_cache": ("batching off, cache on", 1, 4.0),
     "nobatch_nocache": ("batching off, cache off", 1, 0.0),
 }
+WEIGHT_STD = 0.1  # of the LLM's linear layers (build_model's 0.02 gives every question the same answer)
 BASELINE = ("one_process", "nobatch_nocache")  # the answers every other server's are compared with
 
 
@@ -66,6 +68,19 @@ def save_model(size: str, frames: int, folder: Path) -> tuple[Path, Path]:
     from slowfast_adapter import wrap
 
     base, processor = build_model(size)
+    with torch.no_grad():  # larger random weights: answers that depend on the video and the question
+        generator = torch.Generator().manual_seed(0)
+        for module in base.model.language_model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, WEIGHT_STD, generator=generator)
+    # the random LLM's vocabulary (4,096) is larger than the tiny tokenizer's (384): keep answers to tokens that
+    # print as text, or most answers decode to nothing (and no text chunk would ever be streamed)
+    tokenizer = processor.tokenizer
+    texts = {i: tokenizer.decode([i]) for i in range(len(tokenizer))}
+    printable = {i for i, text in texts.items() if text.isprintable() and text.strip() and "\ufffd" not in text}
+    base.generation_config.suppress_tokens = [
+        i for i in range(base.config.text_config.vocab_size) if i not in printable
+    ]
     base.save_pretrained(folder / "base")
     processor.save_pretrained(folder / "base")
     model = wrap(base, slowfast_config(4, frames // 4))
@@ -314,8 +329,9 @@ def report(args: argparse.Namespace, servers: dict, start: dict, end: dict) -> N
         "",
         f"Command: `{command_line()}`",
         "",
-        f"Model: random LLaVA-OneVision layout, Qwen2-style decoder {MODELS[args.model]}, fp32, wrapped with its "
-        f"slow-fast adapter (gates opened; {args.frames} frames per video, {args.frames // 4} fast frames, 196 tokens "
+        f"Model: random LLaVA-OneVision layout, Qwen2-style decoder {MODELS[args.model]}, fp32 (LLM linear weights "
+        f"std {WEIGHT_STD}, answers kept to the tokenizer's printable tokens), wrapped with its slow-fast adapter "
+        f"(gates opened; {args.frames} frames per video, {args.frames // 4} fast frames, 196 tokens "
         f"per frame). Each cell: {args.videos} new videos x {args.questions} questions = "
         f"{args.videos * args.questions} streamed greedy requests of {args.tokens} tokens, sent by N concurrent "
         "clients question by question. One process: `slowfast-adapter serve` with "
