@@ -337,7 +337,7 @@ class Engine:
                     job.finish(Completion("", "cancelled", 0, 0))
                     continue
                 try:
-                    ready.append((job, *self._encode(job, prefix=len(jobs) == 1)))
+                    ready.append((job, *self._encode(job)))
                 except Exception as err:  # a job's own error (e.g. over the context) ends only that job
                     self._fail(job, err)
             if not ready:
@@ -360,9 +360,10 @@ class Engine:
         self.counters["errors"] += 1  # (under the model lock, or at close)
         job.finish(error=error)
 
-    def _encode(self, job: ChatJob, *, prefix: bool) -> tuple[CachedVideos | None, int, bool]:
-        """The job's cached videos (encoded now if new), the fitted prompt length, and whether they were cached.
-        prefix: also keep the prompt prefix's KV cache (only a one-row `generate` continues it; a batch does not)."""
+    def _encode(self, job: ChatJob) -> tuple[CachedVideos | None, int, bool]:
+        """The job's cached videos (encoded now if new, with the prompt prefix's KV cache: a batch does not continue
+        it, but later one-row questions about the same videos do), the fitted prompt length, and whether they were
+        cached."""
         if job.adapter is not None and self.model.active_adapter != job.adapter:
             self.model.set_adapter(job.adapter)
         entry, hit = None, False
@@ -372,8 +373,7 @@ class Engine:
             if not hit:
                 entry = CachedVideos(job.clips)
                 with self._mode(job.mode)():
-                    text = () if prefix else ("input_ids", "attention_mask")
-                    entry.encoded = self.model.encode(**{k: v for k, v in job.inputs.items() if k not in text})
+                    entry.encoded = self.model.encode(**job.inputs)
             self.cache.put(job.cache_key, entry)
         if job.mode == "base":
             length = job.inputs["input_ids"].shape[1]
