@@ -171,3 +171,17 @@ def test_a_prompt_prefix_answers_only_for_the_adapter_that_made_it(model, proces
     model.set_adapter("default")  # back on the adapter that made it: the prefix is used again
     _generate(model, inputs, encoded=encoded)
     assert encoded.stats["prefix_hits"] == 1
+
+
+@torch.no_grad()
+def test_beam_search_from_an_encoding_with_a_prompt_prefix(model, processor):
+    """The prefix's KV cache holds one row; beams expand the prompt into several. `generate(encoded=..., num_beams=2)`
+    crashed on it (a size mismatch in the cache); it now prefills the whole prompt and equals encoding nothing."""
+    encoded = model.encode(**make_inputs(processor, SAMPLES[:1]))
+    assert len(encoded.prefixes) == 1
+    inputs = make_inputs(processor, OTHER_QUESTIONS[:1])
+    beams = model.generate(**inputs, encoded=encoded, max_new_tokens=STEPS, num_beams=2, do_sample=False)
+    assert encoded.stats["prefix_hits"] == 0
+    assert torch.equal(beams, model.generate(**inputs, max_new_tokens=STEPS, num_beams=2, do_sample=False))
+    model.generate(**inputs, encoded=encoded, max_new_tokens=STEPS, do_sample=False)  # one row: the prefix is used
+    assert encoded.stats["prefix_hits"] == 1

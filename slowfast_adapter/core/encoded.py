@@ -210,6 +210,8 @@ def generate_inputs(
     model_inputs = prepared.model_inputs
     if encoded is None or context is None or context.frame_attention is not None:  # maps cover every token
         return model_inputs
+    if _sequences_per_prompt(model, model_inputs) > 1:  # beams / several sequences: the prefix cache has one row
+        return model_inputs
     prefix = encoded.prefix_for(prepared, prepared_videos(prepared), prefix_state(model))
     if prefix is None:
         return model_inputs
@@ -218,3 +220,12 @@ def generate_inputs(
     model_inputs[surface.cache_kwarg(model.base_model)] = copy.deepcopy(prefix.cache)
     model.family.forget_generate_state(model.base_model)
     return model_inputs
+
+
+def _sequences_per_prompt(model: nn.Module, generate_kwargs: dict[str, Any]) -> int:
+    """How many rows `generate` expands each prompt into (beams x returned sequences), from its keyword arguments,
+    a `generation_config` among them, or the model's own generation config."""
+    config = generate_kwargs.get("generation_config") or model.base_model.generation_config
+    beams = generate_kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
+    returned = generate_kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
+    return int(beams) * int(returned)

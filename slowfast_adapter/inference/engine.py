@@ -545,11 +545,7 @@ class Engine:
                     raise ValueError("Beam search here is deterministic: give temperature 0.")
 
                 def generate(entry: CachedVideos | None, job: ChatJob = job) -> torch.Tensor:
-                    # beams expand a prompt prefix's one-row KV cache badly: the same videos, no prefix
-                    cached = entry.encoded if entry is not None else None
-                    encoded = None if cached is None else EncodedVideos(
-                        owner=cached.owner, projector=cached.projector, videos=cached.videos, slow_kv=cached.slow_kv,
-                        stats=cached.stats)  # fmt: skip
+                    encoded = entry.encoded if entry is not None else None  # (beams skip the one-row prompt prefix)
                     return self.model.generate(
                         **job.inputs, encoded=encoded, num_beams=num_beams, do_sample=False,
                         max_new_tokens=job.sampling.max_tokens, pad_token_id=self.pad_id)  # fmt: skip
