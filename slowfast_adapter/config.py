@@ -83,8 +83,10 @@ class SlowFastConfig:
             "help": "Positions of the slow keys. 'none': no positional encoding (the reference), so the slow path "
             "is blind to frame order. 'temporal': each slow key gets the LLM's RoPE at its frame's time in the "
             "sequence (LLaVA-OneVision: frame t of T at the video's first fast token + t * fast grid tokens / T; an "
-            "image's tokens at its first placeholder), so a query can tell earlier frames from later ones. "
-            "LLaVA-OneVision only so far."
+            "image's tokens at its first placeholder; Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the family's own 3-D M-RoPE, "
+            "temporal group g at its time within the fast groups' temporal positions and each token's height and "
+            "width index mapped onto the fast grid's, an image's tokens at their own placeholders' positions), so a "
+            "query can tell earlier frames from later ones."
         },
     )
     image_slow_tokens: bool = field(

@@ -159,7 +159,11 @@ def test_without_key_positions_the_slow_path_cannot_tell_frame_order(llava):
     assert differences["none"] < 1e-5 < 1e-3 < differences["temporal"]
 
 
-def test_temporal_key_positions_are_refused_where_not_implemented(tiny_dirs):
+def test_temporal_key_positions_are_refused_where_not_implemented(tiny_dirs, monkeypatch):
+    """Every family implements 'temporal' now; a family that declares only 'none' is refused at `wrap`."""
+    from slowfast_adapter.families.qwen2_vl import Qwen2VLFamily
+
+    monkeypatch.setattr(Qwen2VLFamily, "slow_key_positions", ("none",))
     base = AutoModelForImageTextToText.from_pretrained(tiny_dirs("qwen2_vl"))
     with pytest.raises(NotImplementedError, match="slow_key_positions"):
         sfa.wrap(base, sfa.SlowFastConfig(slow_key_positions="temporal"))

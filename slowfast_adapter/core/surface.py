@@ -259,6 +259,16 @@ def forget_rope_deltas(model: nn.Module) -> None:
     inner.rope_deltas = None
 
 
+def rope_index(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Qwen-VL: the M-RoPE `position_ids` [3, B, L] the base model's forward computes for `inputs` (its own
+    `model.model.get_rope_index`, given the same keyword arguments its `compute_3d_position_ids` passes)."""
+    inner = _attribute(model, "model", type(model).__name__)
+    get_rope_index = _attribute(inner, "get_rope_index", type(inner).__name__)
+    names = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask", "second_per_grid_ts")
+    position_ids, _ = get_rope_index(inputs["input_ids"], **{n: inputs[n] for n in names if inputs.get(n) is not None})
+    return position_ids
+
+
 def set_attention_implementation(config: Any, implementation: str) -> None:
     """`config._attn_implementation = implementation`: what a model built from `config` runs ('sdpa', 'eager', ...)."""
     config._attn_implementation = implementation

@@ -42,7 +42,8 @@ class SlowItem:
 
 class SlowItemTokens(NamedTuple):
     """One video's (or image's) slow tokens [S_i, D] for sample `row`, before packing (see `SlowItem`); positions:
-    [S_i] float, each token's RoPE position as a slow key (`SlowFastConfig.slow_key_positions`), or None."""
+    [S_i] (1-D RoPE) or [3, S_i] (M-RoPE: temporal, height, width) float, each token's RoPE position as a slow key
+    (`SlowFastConfig.slow_key_positions`), or None."""
 
     row: int
     tokens: torch.Tensor
@@ -57,8 +58,9 @@ class SlowTokens:
     tokens come first).
 
     items: where each video's (or image's) tokens sit, in row order; by default one item per row holding the
-    row's leading real tokens. key_positions: [B, S] float, each slow key's RoPE position (0 on padding), or None
-    (no positional encoding on the slow keys); key_rope: its (cos, sin) [B, S, hd] from the LLM's rotary embedding,
+    row's leading real tokens. key_positions: [B, S] (1-D RoPE) or [3, B, S] (M-RoPE, axes first like the LLM's
+    `position_ids`) float, each slow key's RoPE position (0 on padding), or None (no positional encoding on the slow
+    keys); key_rope: its (cos, sin) [B, S, hd] from the LLM's rotary embedding,
     set by the family. Slow K/V are projected item by item, so a video's K/V do not depend on the
     batch it is in (and can be cached, see `encoded.py`).
 
@@ -111,7 +113,7 @@ class SlowTokens:
         if batch_size == 1 and len(items) == 1:  # one video (the long-video case): a view, no copy
             row, tokens, key, units, positions = items[0]
             mask = torch.ones(1, tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            positions = None if positions is None else positions[None].to(tokens.device)
+            positions = None if positions is None else positions.unsqueeze(-2).to(tokens.device)  # [..., 1, S]
             return cls(tokens[None], mask, [SlowItem(row, 0, tokens.shape[0], key, units)], positions)
         items = sorted(items, key=lambda item: item.row)  # stable: keeps each sample's items in order
         rows = torch.tensor([item.row for item in items])
@@ -128,8 +130,10 @@ class SlowTokens:
         mask[sample, slot] = True
         key_positions = None
         if all(with_positions):
-            key_positions = torch.zeros(batch_size, tokens.shape[1], device=flat.device)
-            key_positions[sample, slot] = torch.cat([item.positions.float() for item in items]).to(flat.device)
+            axes = items[0].positions.shape[:-1]  # () for 1-D RoPE, (3,) for M-RoPE
+            key_positions = torch.zeros(*axes, batch_size, tokens.shape[1], device=flat.device)
+            every = torch.cat([item.positions.float().to(flat.device) for item in items], dim=-1)  # [..., N]
+            key_positions[..., sample, slot] = every
         placed, cursor = [], [0] * batch_size
         for (row, _, key, units, _), length in zip(items, lengths.tolist(), strict=True):
             placed.append(SlowItem(row, cursor[row], length, key, units))

@@ -162,7 +162,7 @@ def add_images(
 
 def add_key_rope(model: nn.Module, slow: SlowTokens | None) -> None:
     """Set `slow.key_rope` (cos, sin) [B, S, hd] from the language model's own rotary embedding at
-    `slow.key_positions` (1-D positions; nothing to do without them)."""
+    `slow.key_positions` ([B, S] 1-D or [3, B, S] M-RoPE positions; nothing to do without them)."""
     if slow is None or slow.key_positions is None:
         return
     rotary = getattr(surface.language_model(model), "rotary_emb", None)

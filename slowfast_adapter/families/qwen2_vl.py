@@ -19,14 +19,15 @@ from ..core import surface
 from ..core.encoded import EncodedVideos, encoded_items
 from ..core.pooling import FastPlan, plan_fast_frames, pool_fast_frames
 from ..core.sequence import placeholder_item_rows, placeholder_keep_mask
-from ..core.types import PreparedInputs, SlowItemTokens, VideoFeatures, VideoLayout
-from .base import ModelFamily, add_images, finish_prepare, pop_input_ids
+from ..core.types import PreparedInputs, SlowItemTokens, SlowTokens, VideoFeatures, VideoLayout
+from .base import ModelFamily, add_images, add_key_rope, finish_prepare, pop_input_ids
 
 
 class Qwen2VLFamily(ModelFamily):
     name = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
     projector_modules = ("model.visual.merger",)
+    slow_key_positions = ("none", "temporal")
 
     default_image_size = 448  # px, the frame size FLOP reports assume unless told
     vision_cost_per_unit = True  # the tower attends within each temporal group
@@ -77,6 +78,8 @@ class Qwen2VLFamily(ModelFamily):
         mm_outputs = dict(inputs.pop(surface.ENCODER_OUTPUTS_KWARG, None) or {})
         slow_items: list[SlowItemTokens] = []
         keep = torch.ones_like(input_ids, dtype=torch.bool)
+        native_grids: list[list[int]] = []  # per video (T, H, W) in merged tokens, for slow key positions
+        plans: list[FastPlan] = []
 
         pixel_values_videos = inputs.pop("pixel_values_videos", None)
         if pixel_values_videos is not None:
@@ -85,11 +88,12 @@ class Qwen2VLFamily(ModelFamily):
             chunk = config.vision_chunk_frames
             videos, keys = self.video_items(model, video_inputs, encoded, chunk_frames=chunk, store=store)
             output = self.video_output(videos)
-            plans, fast_grids = [], []
+            fast_grids = []
             for groups, height, width in grids.tolist():
                 plan = plan_fast_frames(groups, config, unit="temporal groups")
                 fast_h, fast_w = plan.fast_grid(height // merge, width // merge)
                 plans.append(plan)
+                native_grids.append([groups, height // merge, width // merge])
                 fast_grids.append([plan.num_fast_frames, fast_h * merge, fast_w * merge])
             native = torch.tensor([video.shape[0] for video in output.pooler_output])
             rows = placeholder_item_rows(input_ids, video_id, native, what="video")
@@ -111,7 +115,7 @@ class Qwen2VLFamily(ModelFamily):
             add_images(output, input_ids, image_id, config, mm_outputs, slow_items)
 
         # Positions stay with the base model: it computes M-RoPE from the fitted ids and pooled grids.
-        return finish_prepare(
+        prepared = finish_prepare(
             model,
             inputs,
             input_ids,
@@ -121,6 +125,14 @@ class Qwen2VLFamily(ModelFamily):
             visual_token_ids=(video_id, image_id),
             extra_token_tensors={"mm_token_type_ids": 0},
         )
+        if config.slow_key_positions == "temporal" and slow_items:
+            position_ids = surface.rope_index(model, prepared.model_inputs)  # [3, B, L'], as the base computes them
+            positioned = mrope_slow_positions(
+                prepared.input_ids, position_ids, slow_items, native_grids, plans, video_id, image_id
+            )
+            prepared.slow = SlowTokens.pack(positioned, batch_size=input_ids.shape[0])
+            add_key_rope(model, prepared.slow)
+        return prepared
 
     def video_items(
         self,
@@ -217,3 +229,79 @@ def pool_videos(
         frames = tokens.view(1, groups, height // merge, width // merge, -1)
         pooled.append(pool_fast_frames(frames, plan)[0].flatten(0, 2))
     return tuple(pooled)
+
+
+def spread(knots: torch.Tensor, count: int, per_knot: int) -> torch.Tensor:
+    """knots [..., K] positions of K consecutive fast units (groups, rows or columns) -> [..., count] positions of
+    `count` native units, native unit n at fractional fast unit u = n / per_knot: knot floor(u) plus frac(u) times
+    the step to the next knot (past the last knot, the last step; 1 when K == 1)."""
+    steps = knots[..., 1:] - knots[..., :-1]  # [..., K - 1]
+    last = steps[..., -1:] if steps.shape[-1] else torch.ones_like(knots[..., :1])
+    steps = torch.cat([steps, last], dim=-1).float()  # [..., K]
+    u = torch.arange(count, device=knots.device, dtype=torch.float32) / per_knot
+    index = u.floor().long().clamp(max=knots.shape[-1] - 1)
+    return knots[..., index].float() + (u - index) * steps[..., index]
+
+
+def mrope_slow_positions(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    items: list[SlowItemTokens],
+    native_grids: list[list[int]],
+    plans: list[FastPlan],
+    video_id: int,
+    image_id: int,
+) -> list[SlowItemTokens]:
+    """The slow items with their M-RoPE key positions [3, S_i] (`slow_key_positions="temporal"`).
+
+    input_ids [B, L'] and position_ids [3, B, L'] are the fitted sequence and the M-RoPE positions the base model
+    computes for it (`get_rope_index`: padding-free, so a row's positions do not depend on its padding). items: the
+    videos' slow items (in placeholder order, grids `native_grids` (G, H, W) in merged tokens, fast plans `plans`),
+    then the images'.
+
+    Mapping, the family's own scheme carried from the fast tokens to the slow ones: the fast tokens of video v, read
+    as [3, F, h', w'] from `position_ids`, give per fast group f the position of its first token (t_f, h_f, w_f),
+    per fast row i the height offset h(0, i, 0) - h_0 and per fast column j the width offset. Fast group f pools the
+    native groups f * window .. (f + 1) * window - 1 (window = sampling stride * pooling stride) and starts at the
+    first one's time (as Qwen2.5-VL's scaled `second_per_grid_ts` and Qwen3-VL's kept timestamp say), so native
+    group g sits at fractional fast group g / window: (t, h, w)_g are interpolated between the fast groups' values
+    (spread over the temporal span the fast tokens occupy; after the last fast group, by the last step). Likewise a
+    slow row y (column x) sits at fractional fast row y / s (s: the spatial pooling stride; fast cell i pools rows
+    i * s .. i * s + s - 1). So slow token (g, y, x) gets (t_g, h_g + row(y / s), w_g + col(x / s)). Without
+    pooling (strides 1) every slow key gets exactly its own native token's position; Qwen3-VL's per-group segment
+    starts (timestamps between groups) are interpolated like any other group start. An image (one temporal group,
+    never pooled) gets its own placeholders' positions, token for token.
+    """
+    out = list(items)
+    for token_id, first, count in ((video_id, 0, len(native_grids)), (image_id, len(native_grids), None)):
+        count = len(items) - first if count is None else count
+        if not count:  # no videos, or images without slow tokens (`image_slow_tokens=False`)
+            continue
+        where = (input_ids == token_id).nonzero()  # [n, 2] row-major: the items' placeholders, in item order
+        cursor = 0
+        for index in range(first, first + count):
+            item = items[index]
+            if token_id == video_id:
+                (groups, height, width), plan = native_grids[index], plans[index]
+                fast_h, fast_w = plan.fast_grid(height, width)
+                length = plan.num_fast_frames * fast_h * fast_w
+            else:
+                length = item.tokens.shape[0]
+            spots = where[cursor : cursor + length]
+            cursor += length
+            fast = position_ids[:, spots[:, 0], spots[:, 1]]  # [3, n_fast]
+            if token_id == image_id:
+                out[index] = item._replace(positions=fast.float())
+                continue
+            fast = fast.view(3, plan.num_fast_frames, fast_h, fast_w)
+            window = plan.sampling_stride * plan.pooling_stride
+            starts = spread(fast[:, :, 0, 0], groups, window)  # [3, G] (t, h, w) of each native group's first token
+            rows = spread(fast[1, 0, :, 0] - fast[1, 0, 0, 0], height, plan.spatial_stride)  # [H]
+            cols = spread(fast[2, 0, 0, :] - fast[2, 0, 0, 0], width, plan.spatial_stride)  # [W]
+            positions = starts[:, :, None, None].repeat(1, 1, height, width)  # [3, G, H, W]
+            positions[1] += rows[:, None]
+            positions[2] += cols
+            out[index] = item._replace(positions=positions.flatten(1))
+        if cursor != len(where):  # pragma: no cover - the base's placeholder checks catch it first
+            raise ValueError(f"The fitted sequence holds {len(where)} placeholders of token {token_id}, not {cursor}.")
+    return out
