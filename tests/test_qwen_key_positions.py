@@ -64,7 +64,6 @@ def test_with_temporal_key_positions_the_slow_path_tells_the_order_of_skipped_gr
         torch.testing.assert_close(fast[0], fast[1])  # the fast tokens are the same
         assert not torch.allclose(logits[0], fast[0], atol=1e-3)  # the slow path acts
         differences[positions] = (logits[0] - logits[1]).abs().max().item()
-    print(family, differences)
     assert differences["none"] < 1e-5 < 1e-4 < differences["temporal"]  # float noise: ~1e-6
 
 
