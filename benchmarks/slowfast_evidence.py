@@ -105,19 +105,19 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(result["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.8), dpi=120, squeeze=False)
+    markers = "osD^vPX*"
     for ax, task in zip(axes[0], tasks, strict=True):
-        for row in result["tasks"][task]["rows"]:
+        for i, row in enumerate(result["tasks"][task]["rows"]):
             x = row["llm_prefill_flops"][0] / 1e6
-            ax.errorbar(x, row["mean"], yerr=[[row["mean"] - row["min"]], [row["max"] - row["mean"]]], fmt="o",
-                        capsize=3)  # fmt: skip
-            ax.annotate(row["setting"].split(",")[0] if "slow_key" not in row["setting"] else row["setting"][-8:],
-                        (x, row["mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")  # fmt: skip
+            ax.errorbar(x, row["mean"], yerr=[[row["mean"] - row["min"]], [row["max"] - row["mean"]]],
+                        fmt=markers[i % len(markers)], capsize=3, label=row["setting"])  # fmt: skip
         ax.axhline(0.25, color="grey", linestyle="--", linewidth=1)
         ax.set_title(task)
         ax.set_xlabel("LLM prefill MFLOP per video")
         ax.set_ylabel("test accuracy (mean, min-max over seeds)")
         ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
