@@ -18,7 +18,6 @@ tokens) and `<adapter>:fast-only` (fast tokens only, no cross-attention).
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 import uuid
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from transformers import StoppingCriteriaList
 
-from ..core.encoded import EncodedVideos
+from ..core.encoded import EncodedVideos, fingerprint
 from ..core.pooling import plan_fast_frames
 from ..model import SlowFastModel
 from .answers import AnswerRow, AnswerRows
@@ -265,10 +264,16 @@ class Engine:
         `MediaPolicy` applies). video_keys: each clip's identity for the encode cache (e.g. a digest of its file and
         sampling); default: a digest of its frames."""
         job.adapter, job.mode = self._resolve(job.model)
-        if clips and job.mode != "base":
-            keys = video_keys or [frames_digest(clip) for clip in clips]
-            job.cache_key = (job.adapter, job.mode, "read", tuple(keys))
+        job.cache_key = self._read_key(job, clips, video_keys)
         return self._prepared(job, conversation, list(clips), list(images))
+
+    @staticmethod
+    def _read_key(job: ChatJob, clips: Sequence[VideoClip], video_keys: Sequence[str] | None) -> tuple | None:
+        """The encode-cache key of frames read in-process (`prepare_read`): `video_keys`, else the clips' digests;
+        None without videos or in `base` mode."""
+        if job.mode == "base" or not (video_keys or clips):
+            return None
+        return (job.adapter, job.mode, "read", tuple(video_keys or [frames_digest(clip) for clip in clips]))
 
     def _prepared(self, job: ChatJob, conversation: list[dict], clips: list[VideoClip], images: list) -> ChatJob:
         job.clips, job.images = clips, images
@@ -360,21 +365,33 @@ class Engine:
         self.counters["errors"] += 1  # (under the model lock, or at close)
         job.finish(error=error)
 
-    def _encode(self, job: ChatJob) -> tuple[CachedVideos | None, int, bool]:
-        """The job's cached videos (encoded now if new, with the prompt prefix's KV cache: a batch does not continue
-        it, but later one-row questions about the same videos do), the fitted prompt length, and whether they were
-        cached."""
+    def _activate(self, job: ChatJob) -> None:
+        """Make the job's adapter the active one (the model lock held)."""
         if job.adapter is not None and self.model.active_adapter != job.adapter:
             self.model.set_adapter(job.adapter)
-        entry, hit = None, False
-        if job.cache_key is not None:
-            entry = self.cache.get(job.cache_key)
-            hit = entry is not None and entry.encoded is not None
-            if not hit:
-                entry = CachedVideos(job.clips)
-                with self._mode(job.mode)():
-                    entry.encoded = self.model.encode(**job.inputs)
-            self.cache.put(job.cache_key, entry)
+
+    def _entry(self, job: ChatJob, *, prefix: bool = True) -> tuple[CachedVideos | None, bool]:
+        """The job's encode-cache entry (None without videos or in `base` mode), its videos encoded now if new, and
+        whether they were encoded already; the model lock held, the job's adapter active. prefix: encode new videos
+        with the prompt prefix's KV cache (later one-row questions about them continue it); False: the videos only,
+        for calls that do not `generate` from it."""
+        if job.cache_key is None:
+            return None, False
+        entry = self.cache.get(job.cache_key)
+        hit = entry is not None and entry.encoded is not None
+        if not hit:
+            entry = CachedVideos(job.clips)
+            text = () if prefix else ("input_ids", "attention_mask")
+            with self._mode(job.mode)():
+                entry.encoded = self.model.encode(**{k: v for k, v in job.inputs.items() if k not in text})
+        self.cache.put(job.cache_key, entry)
+        return entry, hit
+
+    def _encode(self, job: ChatJob) -> tuple[CachedVideos | None, int, bool]:
+        """The job's cached videos (`_entry`), the fitted prompt length, and whether they were cached; a prompt over
+        the context is refused."""
+        self._activate(job)
+        entry, hit = self._entry(job)
         if job.mode == "base":
             length = job.inputs["input_ids"].shape[1]
         else:
@@ -462,8 +479,10 @@ class Engine:
     def cached_clips(self, model: str, video_keys: Sequence[str]) -> list[VideoClip] | None:
         """The frames of a prompt's videos when the encode cache holds them for the model id `model` (`video_keys`
         as given to `prepare_read`), else None: a front end that reads files itself need not read them again."""
-        adapter, mode = self._resolve(model)
-        entry = None if mode == "base" else self.cache.peek((adapter, mode, "read", tuple(video_keys)))
+        job = ChatJob(model, [])
+        job.adapter, job.mode = self._resolve(model)
+        key = self._read_key(job, (), video_keys)
+        entry = self.cache.peek(key) if key is not None else None
         return entry.clips if entry is not None else None
 
     def prepare_as(self, job: ChatJob, like: ChatJob) -> ChatJob:
@@ -483,17 +502,8 @@ class Engine:
         or in `base` mode). prefix=False encodes new videos without the prompt prefix (for calls that do not
         `generate` from it). Returns what `call` returns."""
         with self._model_lock:
-            if job.adapter is not None and self.model.active_adapter != job.adapter:
-                self.model.set_adapter(job.adapter)
-            entry = None
-            if job.cache_key is not None:
-                entry = self.cache.get(job.cache_key)
-                if entry is None or entry.encoded is None:
-                    entry = CachedVideos(job.clips)
-                    text = ("input_ids", "attention_mask") if not prefix else ()
-                    with self._mode(job.mode)():
-                        entry.encoded = self.model.encode(**{k: v for k, v in job.inputs.items() if k not in text})
-                self.cache.put(job.cache_key, entry)
+            self._activate(job)
+            entry, _ = self._entry(job, prefix=prefix)
             with self._mode(job.mode)():
                 return call(entry)
 
@@ -513,9 +523,7 @@ class Engine:
         tokens). One forward; the videos come from the encode cache (encoded without a prompt prefix if new)."""
         job = ChatJob(model, [])
         job.adapter, job.mode = self._resolve(model)
-        if clips and job.mode != "base":  # the entry `prepare_read` keys these videos under
-            keys = video_keys or [frames_digest(clip) for clip in clips]
-            job.cache_key = (job.adapter, job.mode, "read", tuple(keys))
+        job.cache_key = self._read_key(job, clips, video_keys)  # the entry `prepare_read` keys these videos under
         prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         job.clips, job.images, job.prompt = list(clips), list(images), prompt + continuation
         job.inputs = self.inputs([job])
@@ -561,10 +569,8 @@ class Engine:
 
 
 def frames_digest(clip: VideoClip) -> str:
-    """A BLAKE2 digest of a clip's frames (shape and pixels)."""
-    digest = hashlib.blake2b(str(clip.frames.shape).encode(), digest_size=16)
-    digest.update(np.ascontiguousarray(clip.frames).data)
-    return digest.hexdigest()
+    """The identity of a clip's frames: `encoded.fingerprint` of its pixels (shape, dtype, BLAKE2 of the bytes)."""
+    return fingerprint(torch.from_numpy(np.ascontiguousarray(clip.frames)))
 
 
 def _merged(caches: list[EncodedVideos]) -> EncodedVideos | None:
