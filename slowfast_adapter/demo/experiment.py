@@ -190,19 +190,15 @@ def accuracy(
     return correct / count
 
 
-@torch.no_grad()
 def needle_peaks(model, task: NeedleTask, *, batch_size: int = 50) -> list[bool]:
     """For each video of `task`: does "where it looked" (the map of the token that predicts the answer's first
-    token, mean over the hybrid layers) peak at the needle's frame?"""
-    model.eval()
+    token, mean over the hybrid layers) peak at the needle's frame? (The first of `frame_ranks`: ties go to the
+    earlier frame, as `argmax` does.)"""
     peaks = []
-    for start in range(0, len(task), batch_size):
-        indices = list(range(start, min(len(task), start + batch_size)))
-        looked = where_it_looked(model, task.prompt_batch(indices))
-        for row, i in enumerate(indices):
-            needle = task.records[i]["needle"]
-            frames_per_unit = task.videos[i].shape[0] // int(looked.num_frames[row])
-            peaks.append(looked.peak_frame(row) == needle["frame"] // frames_per_unit)
+    for record, video, ranked in zip(task.records, task.videos, frame_ranks(model, task, batch_size=batch_size),
+                                     strict=True):  # fmt: skip
+        frames_per_unit = video.shape[0] // len(ranked)
+        peaks.append(ranked[0] // frames_per_unit == record["needle"]["frame"] // frames_per_unit)
     return peaks
 
 
