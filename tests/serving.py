@@ -85,6 +85,23 @@ class Reference:
         return self.processor.decode(tokens, skip_special_tokens=True)
 
 
+def wait_healthy(url: str, process, timeout: float, log) -> None:
+    """Poll `url`/health until it answers 200; fail with `log()` (the server's output) if `process` exits first, or
+    when `timeout` seconds pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, log()
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not come up in {timeout} s"
+        time.sleep(0.5)
+
+
 class LiveServer:
     """uvicorn serving `app` on 127.0.0.1 at a free port, in a thread."""
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_inputs, open_gates
+from conftest import make_inputs
 from test_generation import _full_forward_logits, perturb_branches
+from test_pruning_and_time import order_sensitivity
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import slowfast_adapter as sfa
@@ -50,20 +51,7 @@ def test_with_temporal_key_positions_the_slow_path_tells_the_order_of_skipped_gr
     groups = list(inputs["pixel_values_videos"].split(per_group))
     groups[1], groups[3] = groups[3], groups[1]  # both skipped by the fast tokens (groups 0 and 4 stay)
     swapped = {**inputs, "pixel_values_videos": torch.cat(groups)}
-    differences = {}
-    for positions in ("none", "temporal"):
-        model = sfa.wrap(base, sfa.SlowFastConfig(**config, slow_key_positions=positions))
-        try:
-            open_gates(model)
-            with torch.no_grad():
-                logits = [model(**batch).logits[:, -1] for batch in (inputs, swapped)]
-                with model.slow_path_disabled():
-                    fast = [model(**batch).logits[:, -1] for batch in (inputs, swapped)]
-        finally:
-            model.unwrap()
-        torch.testing.assert_close(fast[0], fast[1])  # the fast tokens are the same
-        assert not torch.allclose(logits[0], fast[0], atol=1e-3)  # the slow path acts
-        differences[positions] = (logits[0] - logits[1]).abs().max().item()
+    differences = order_sensitivity(base, config, inputs, swapped)
     assert differences["none"] < 1e-5 < 1e-4 < differences["temporal"]  # float noise: ~1e-6
 
 

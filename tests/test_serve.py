@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,7 +17,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from serving import FRAMES, QUESTIONS, LiveServer, Reference, build_served, messages  # noqa: E402
+from serving import FRAMES, QUESTIONS, LiveServer, Reference, build_served, messages, wait_healthy  # noqa: E402
 
 from slowfast_adapter.inference.engine import Engine, EngineSettings  # noqa: E402
 from slowfast_adapter.serve.app import create_app  # noqa: E402
@@ -259,15 +258,7 @@ def test_the_cli_serves(served):
                                 str(served.videos), "--num-frames", str(FRAMES)], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "serve did not come up"
-                time.sleep(0.3)
+        wait_healthy(f"http://127.0.0.1:{port}", process, 120, process.stdout.read)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["alpha", "b"]
         answer = client.chat.completions.create(model="b", messages=messages(served.names[0], QUESTIONS[0]),

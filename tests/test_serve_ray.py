@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import torch
 pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
+
+from serving import LiveServer, wait_healthy  # noqa: E402
 
 import slowfast_adapter as sfa  # noqa: E402
 from slowfast_adapter.inference.chat import SamplingParams  # noqa: E402
@@ -62,9 +63,7 @@ def served(tiny_dirs, tmp_path_factory):
     videos.mkdir()
     for i in range(VIDEOS):
         write_mp4(videos / f"v{i}.mp4", random_video(16, size=32, seed=i))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = LiveServer.free_port()
     command = [sys.executable, "-m", "slowfast_adapter.cli", "serve", "--base", str(base_dir), "--adapter",
                f"a={root / 'adapter'}", "--media-root", str(videos), "--num-frames", str(FRAMES), "--port", str(port),
                "--ray", "--replicas", "2", "--replica-cpus", "1", "--batch-wait-ms", "500"]  # fmt: skip
@@ -74,16 +73,7 @@ def served(tiny_dirs, tmp_path_factory):
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            assert process.poll() is None, (root / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the Ray server did not come up"
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_healthy(url, process, STARTUP_S, lambda: (root / "server.log").read_text()[-3000:])
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         yield base_dir, root / "adapter", videos, client, url
     finally:
