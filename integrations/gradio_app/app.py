@@ -23,6 +23,8 @@ import numpy as np
 from figures import heat_map
 from video_qa import DEMO_QUESTION, Answer, VideoQA
 
+from slowfast_adapter.inference.media import hide_path
+
 DEMO_DIR = Path("demo-output")
 DEFAULTS = {"base": DEMO_DIR / "pretrained-base", "adapter": DEMO_DIR / "adapter", "samples": DEMO_DIR / "data/test"}
 
@@ -63,12 +65,7 @@ def status_line(answer: Answer) -> str:
 def public_message(error: Exception, video: str) -> str:
     """`error` as the browser may see it: the video named by its file name, never by the server's (temporary)
     path or folder."""
-    text, name = str(error), Path(video).name
-    for path in sorted({video, str(Path(video)), str(Path(video).resolve())}, key=len, reverse=True):
-        text = text.replace(path, name)
-    for folder in sorted({str(Path(video).parent), str(Path(video).resolve().parent)}, key=len, reverse=True):
-        text = text.replace(folder, "<server folder>") if folder not in ("", ".") else text
-    return text
+    return hide_path(str(error), video, Path(video).name)
 
 
 def build_app(qa: VideoQA, samples: dict[str, str], *, title: str = "slow-fast adapter demo") -> gr.Blocks:

@@ -158,11 +158,17 @@ def load_media(url: str, kind: str, policy: MediaPolicy, *, param: str = "messag
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def hide_path(text: str, path: str | os.PathLike, name: str) -> str:
+    """`text` with `path` (as given and resolved) replaced by `name`, and its folder by "<server folder>": what a
+    client may see of a message about a server file."""
+    path = str(path)
+    for form in sorted({path, str(Path(path)), str(Path(path).resolve())}, key=len, reverse=True):
+        text = text.replace(form, name)
+    for folder in sorted({str(Path(path).parent), str(Path(path).resolve().parent)}, key=len, reverse=True):
+        text = text.replace(folder, "<server folder>") if folder not in ("", ".") else text
+    return text
+
+
 def public_message(error: Exception, media: Media) -> str:
     """`error`'s message with the server's path of `media` (and its folder) replaced by how the client named it."""
-    text = str(error)
-    for path in sorted({str(media.path), str(media.path.resolve())}, key=len, reverse=True):
-        text = text.replace(path, media.label)
-    for folder in sorted({str(media.path.parent), str(media.path.resolve().parent)}, key=len, reverse=True):
-        text = text.replace(folder, "<server folder>")
-    return text
+    return hide_path(str(error), media.path, media.label)
