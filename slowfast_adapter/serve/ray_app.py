@@ -311,6 +311,30 @@ def start(
     app = build(load, replicas=replicas, cpus_per_replica=cpus_per_replica, route_by_video=route_by_video,
                 batch_wait_s=batch_wait_s)  # fmt: skip
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    _wait_for_routing(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", replicas)
+
+
+def _wait_for_routing(url: str, replicas: int, timeout_s: float = 120.0) -> None:
+    """Return once the router has sent requests to `replicas` distinct replicas (or after `timeout_s`, saying so).
+
+    `serve.run` returns when every replica runs, but the router learns of them a moment later; a video's first
+    question asked before then would pin the video to the only replica the router knew. Key-less GETs (/health) go
+    to any replica, so seeing every replica answer one proves the router knows them all."""
+    import time
+
+    import httpx
+
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < replicas and time.monotonic() < deadline:
+        try:
+            seen.add(httpx.get(f"{url}/health", timeout=10).headers.get(HEADER_REPLICA, ""))
+        except httpx.HTTPError:
+            time.sleep(0.5)
+        seen.discard("")
+    if len(seen) < replicas:
+        print(f"slowfast-adapter serve: the router reached {len(seen)} of {replicas} replicas in {timeout_s:.0f} s; "
+              "videos asked about now may all go to those", flush=True)  # fmt: skip
 
 
 def shutdown(*, joined: bool = False) -> None:
