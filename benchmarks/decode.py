@@ -50,7 +50,7 @@ from prefill import slowfast_config  # noqa: E402
 from transformers import CompileConfig  # noqa: E402
 
 from slowfast_adapter import wrap  # noqa: E402
-from slowfast_adapter.core import inspection, surface  # noqa: E402
+from slowfast_adapter.core import hybrid, inspection, surface  # noqa: E402
 from slowfast_adapter.core.host_syncs import syncs_per_decode_step  # noqa: E402
 from slowfast_adapter.tools import flops
 
@@ -66,12 +66,18 @@ VARIANTS = {  # name -> (label, model, generate keywords)
         {"cache_implementation": "static", "compiled": True},
     ),
     "reprojected": ("slow-fast, slow K/V re-projected every step (reference)", "reprojected", {}),
+    "no_kernel": (
+        "slow-fast, static cache, cross-attention kernel skipped (diagnostic: all but the kernel)",
+        "slowfast",
+        {"cache_implementation": "static", "skip_kernel": True},
+    ),
 }
 BASELINE = {  # each slow-fast variant over the base with the same cache and compilation
     "slowfast": "base",
     "slowfast_static": "base_static",
     "slowfast_compiled": "base_compiled",
     "reprojected": "base",
+    "no_kernel": "base_static",
 }
 RATIOS = {f"{a}_over_{b}": (a, b) for a, b in [*BASELINE.items(), ("base_compiled", "base")]}
 
@@ -84,9 +90,52 @@ def compile_config(backend: str) -> CompileConfig:
 def generate_kwargs(variant: dict, compiled: CompileConfig) -> dict:
     """A variant's `generate` keywords, with `compiled` as its compile config where the variant compiles."""
     kwargs = dict(variant)
+    kwargs.pop("skip_kernel", None)
     if kwargs.pop("compiled", False):
         kwargs["compile_config"] = compiled
     return kwargs
+
+
+@contextlib.contextmanager
+def kernel_skipped(variant: dict):
+    """For the diagnostic variant: the hybrid layers do all their work (query, RoPE, slow K/V lookup, gate, update)
+    except the cross-attention kernel, whose output is replaced by zeros of its shape. What it leaves of the gap to
+    the base is what the wrapper costs besides the kernel reading the slow K/V."""
+    if not variant.get("skip_kernel"):
+        yield
+        return
+    kernel = hybrid.slow_cross_attention
+    hybrid.slow_cross_attention = lambda query, *args, **kwargs: torch.zeros_like(query)
+    try:
+        yield
+    finally:
+        hybrid.slow_cross_attention = kernel
+
+
+def step_bytes(model, length: int, slow_tokens: int, hybrid_layers: list[int]) -> dict[str, int]:
+    """Bytes one decode step must read (decode is memory-bound): the base's decoder and LM-head weights and its KV
+    cache over `length` tokens; slow-fast adds the slow K/V of every hybrid layer, those layers' `q_proj` weights
+    read again for the cross-attention query, and the gates."""
+    language_model = surface.language_model(model)
+    text = model.config.text_config
+    element = next(model.parameters()).element_size()
+    layers = surface.decoder_layers(model)
+    weights = sum(p.numel() for p in layers.parameters()) + sum(p.numel() for p in language_model.norm.parameters())
+    weights += model.lm_head.weight.numel()
+    kv_row = 2 * text.num_key_value_heads * text.head_dim  # K and V of one token in one layer
+    base = (weights + len(layers) * length * kv_row) * element
+    q_proj = sum(surface.attention_attribute(surface.self_attention(layers[i]), "q_proj").weight.numel()
+                 for i in hybrid_layers)  # fmt: skip
+    gates = len(hybrid_layers) * (text.num_attention_heads * text.head_dim + 2)  # gate_proj weight, bias, alpha
+    slow_kv = len(hybrid_layers) * slow_tokens * kv_row * element
+    return {"base": base, "slow_kv": slow_kv, "slowfast": base + slow_kv + (q_proj + gates) * element}
+
+
+def paired_ratios(times_by_round: dict[str, list[list[float]]], a: str, b: str) -> list[float]:
+    """Per timed round, median step of `a` over median step of `b` (both ran in that round, side by side)."""
+    return [
+        statistics.median(x) / statistics.median(y) for x, y in zip(times_by_round[a], times_by_round[b], strict=True)
+    ]
 
 
 def check_path(name: str, which: str, contexts: list, *, tokens: int, layers: int) -> None:
@@ -141,7 +190,8 @@ def main() -> None:
         for branch, twin in zip(model.slow_branches.values(), reprojected.slow_branches.values(), strict=True):
             branch.attn_gate.fill_(1.0)
             twin.load_state_dict(branch.state_dict())  # the same adapter: the same tokens
-    layers = len(model.hybrid_layer_indices)
+    layers_idx = model.hybrid_layer_indices
+    layers = len(layers_idx)
     models = {"base": base, "slowfast": model, "reprojected": reprojected}
 
     def reprojecting(which: str):  # the reference's decode: slow K/V projected again at every step
@@ -154,11 +204,12 @@ def main() -> None:
     }
     compiled = compile_config(args.backend)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    by_round: dict[str, list[list[float]]] = {name: [] for name in VARIANTS}
     sequences: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for round_ in range(args.rounds):
             for name, (_, which, variant) in VARIANTS.items():
-                with reprojecting(which), inspection.recording() as contexts:
+                with reprojecting(which), kernel_skipped(variant), inspection.recording() as contexts:
                     out, steps = timed_generate(
                         models[which], inputs[which], args.tokens, **generate_kwargs(variant, compiled)
                     )
@@ -170,13 +221,18 @@ def main() -> None:
                     raise RuntimeError(f"{name}: round {round_} generated other tokens than round 0.")
                 if round_:
                     times[name] += steps
-        for name, (_, which, _) in VARIANTS.items():  # compiled and static tokens equal eager's
+                    by_round[name].append(steps)
+        for name, (_, which, variant) in VARIANTS.items():  # compiled and static tokens equal eager's
+            if variant.get("skip_kernel"):
+                continue
             if not torch.equal(sequences[name], sequences["base" if which == "base" else "slowfast"]):
                 raise RuntimeError(f"{name} generated other tokens than the eager dynamic-cache run.")
         check_compiled_reads_slow(model, inputs["slowfast"], compiled, args.tokens)
         syncs = {}
         host_side = compile_config("eager")  # the host side only: Dynamo without inductor
         for name, (_, which, variant) in VARIANTS.items():
+            if variant.get("skip_kernel"):
+                continue
             with reprojecting(which):
                 syncs[name] = syncs_per_decode_step(
                     models[which], inputs[which], tokens=10, **generate_kwargs(variant, host_side)
@@ -199,6 +255,9 @@ def main() -> None:
     }
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratios = {key: medians[a] / medians[b] for key, (a, b) in RATIOS.items()}
+    per_round = {key: paired_ratios(by_round, a, b) for key, (a, b) in RATIOS.items()}
+    bytes_read = step_bytes(base, native_length, 0, [])["base"], step_bytes(model, length, slow, list(layers_idx))
+    kernel_s = medians["slowfast_static"] - medians["no_kernel"]  # what the cross-attention kernels take per step
     end = machine()
     steps_per_variant = len(times["base"])
     lines = [
@@ -218,17 +277,38 @@ def main() -> None:
         f"load average {start['load_average_1_5_15'][0]:.1f} at start, {end['load_average_1_5_15'][0]:.1f} at "
         "the end.",
         "",
-        "| decode step | GFLOP | median (ms) | min (ms) | x base (same cache, same compilation) | host syncs / step |",
-        "|---|---|---|---|---|---|",
+        "x base: the variant's median step over the base's with the same cache and compilation; per round: the same "
+        "ratio within each timed round (both ran side by side), median (min-max) over the rounds.",
+        "",
+        "| decode step | GFLOP | median (ms) | min (ms) | x base | x base per round | host syncs / step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, (label, which, _) in VARIANTS.items():
         reference = BASELINE.get(name, name)
         gflop = counted["base" if which == "base" else which] / 1e9
+        paired = per_round.get(f"{name}_over_{reference}")
+        spread = "-" if not paired else (
+            f"{statistics.median(paired):.3f} ({min(paired):.3f}-{max(paired):.3f})"
+        )  # fmt: skip
+        synced = format(syncs[name], "g") if name in syncs else "-"
         lines.append(
             f"| {label} | {gflop:.3f} | {medians[name] * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | "
-            f"{medians[name] / medians[reference]:.3f} | {syncs[name]:g} |"
+            f"{medians[name] / medians[reference]:.3f} | {spread} | {synced} |"
         )
-    lines += ["", "Compiled base over eager base: " + f"{ratios['base_compiled_over_base']:.3f}."]
+    base_bytes, extra = bytes_read
+    floor = extra["slowfast"] / base_bytes
+    kernel_rate, base_rate = extra["slow_kv"] / kernel_s / 1e9, base_bytes / medians["base_static"] / 1e9
+    lines += [
+        "",
+        "Compiled base over eager base: " + f"{ratios['base_compiled_over_base']:.3f}.",
+        "",
+        f"Bytes a decode step must read (decode is memory-bound): base {base_bytes / 1e6:.0f} MB (decoder and LM-head "
+        f"weights, KV cache); slow-fast {extra['slowfast'] / 1e6:.0f} MB, of which the slow K/V are "
+        f"{extra['slow_kv'] / 1e6:.0f} MB: {floor:.3f}x the base's bytes, the floor of the time ratio at equal "
+        f"bandwidth. The cross-attention kernels take {kernel_s * 1e3:.1f} ms of a static-cache step (slow-fast "
+        f"minus its kernel-skipped diagnostic), reading the slow K/V at {kernel_rate:.1f} GB/s; the base step "
+        f"reads its bytes at {base_rate:.1f} GB/s.",
+    ]
     data = {
         "command": command_line(),
         "machine_start": start,
@@ -242,6 +322,9 @@ def main() -> None:
         "flops": counted,
         "time": {name: summary(values) for name, values in times.items()},
         "ratios_of_medians": ratios,
+        "ratios_per_round": per_round,
+        "bytes_per_step": {"base": bytes_read[0], **{f"slowfast_{k}": v for k, v in bytes_read[1].items()}},
+        "kernel_seconds_per_step": kernel_s,
         "host_syncs_per_step": syncs,
         "times_s": times,
     }

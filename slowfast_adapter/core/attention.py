@@ -106,12 +106,13 @@ def _flash_attention(
         return rearrange(dense(q, k, v, softmax_scale=scaling, causal=False), "b m h d -> b h m d")
     batch, queries = q.shape[:2]
     lengths, index = (t.to(k.device) for t in packed_keys)
+    rows, positions = index // k.shape[1], index % k.shape[1]  # long indices, no host sync, no copy of all K/V
     cu_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # [B + 1]
     cu_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * queries
     out = varlen(
         q.reshape(batch * queries, *q.shape[2:]),
-        k.flatten(0, 1)[index],  # [N, H, hd]: a long index, no host sync
-        v.flatten(0, 1)[index],
+        k[rows, positions],  # [N, H, hd]: the real keys, packed
+        v[rows, positions],
         cu_seqlens_q=cu_q,
         cu_seqlens_k=cu_k,
         max_seqlen_q=queries,

@@ -38,7 +38,7 @@ class EncodedVideos:
     owner: id of the `SlowFastModel` that encoded them (another model's cache is refused).
     projector: the adapter whose projector copy produced the features (None: the base's own projector).
     videos: fingerprint -> `VideoFeatures`.
-    slow_kv: (adapter module id, layer index, fingerprint) -> ([S, 2 * H_kv * hd] K/V, parameter state); an
+    slow_kv: (adapter module id, layer index, fingerprint) -> ((key, value) [H_kv, S, hd], parameter state); an
     entry is used only while the branch's and norm's parameters are the ones it was projected with (training
     after `encode` changes them in place, so their version counters move and the K/V are projected again).
     stats: "hits" / "misses": videos taken from the cache / encoded, over `encode` and every call that used it;
@@ -49,7 +49,7 @@ class EncodedVideos:
     owner: int
     projector: str | None
     videos: dict[str, VideoFeatures] = field(default_factory=dict)
-    slow_kv: dict[tuple[int, int, str], tuple[torch.Tensor, tuple]] = field(default_factory=dict)
+    slow_kv: dict[tuple[int, int, str], tuple[tuple[torch.Tensor, torch.Tensor], tuple]] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0, "prefix_hits": 0})
     prefixes: dict[tuple[tuple[int, ...], tuple[str, ...]], PromptPrefix] = field(default_factory=dict)
 
@@ -59,7 +59,7 @@ class EncodedVideos:
     @property
     def nbytes(self) -> int:
         """Bytes held: video features, slow K/V and prompt-prefix KV caches."""
-        kv = sum(t.numel() * t.element_size() for t, _ in self.slow_kv.values())
+        kv = sum(t.numel() * t.element_size() for pair, _ in self.slow_kv.values() for t in pair)
         prefixes = sum(surface.cache_nbytes(prefix.cache) for prefix in self.prefixes.values())
         return sum(video.nbytes for video in self.videos.values()) + kv + prefixes
 
@@ -85,13 +85,17 @@ class EncodedVideos:
     def __repr__(self) -> str:
         return f"EncodedVideos({len(self)} videos, {len(self.slow_kv)} slow K/V, {self.nbytes / 2**20:.1f} MiB)"
 
-    def cached_kv(self, key: tuple[int, int, str], parameters: list[torch.Tensor]) -> torch.Tensor | None:
+    def cached_kv(
+        self, key: tuple[int, int, str], parameters: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         entry = self.slow_kv.get(key)
         if entry is None or entry[1] != _parameters_state(parameters):
             return None
         return entry[0]
 
-    def store_kv(self, key: tuple[int, int, str], kv: torch.Tensor, parameters: list[torch.Tensor]) -> None:
+    def store_kv(
+        self, key: tuple[int, int, str], kv: tuple[torch.Tensor, torch.Tensor], parameters: list[torch.Tensor]
+    ) -> None:
         self.slow_kv[key] = (kv, _parameters_state(parameters))
 
     def check_owner(self, owner: int, projector: str | None) -> None:

@@ -186,12 +186,10 @@ class HybridLayerHooks:
         self.handles = []
 
     def slow_kv(self, context: SlowContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slow K/V [B, H_kv, S, hd] of this layer for the active call, projected on first use and then
-        cached for the call."""
+        """The slow K/V [B, H_kv, S, hd] of this layer for the active call, each contiguous (the layout SDPA reads
+        fastest, and the one a compiled step need not copy), projected on first use and then cached for the call."""
         if context.reproject_slow_kv or self.layer_idx not in context.slow_kv:
-            key, value = rearrange(
-                self._project_items(context), "b s (two h d) -> two b h s d", two=2, d=self.branch.head_dim
-            )
+            key, value = self._project_items(context)
             if context.slow.key_rope is not None:  # slow_key_positions="temporal": RoPE at each key's frame time
                 cos, sin = (t.to(device=key.device, dtype=key.dtype) for t in context.slow.key_rope)
                 key = self.rope(key, cos, sin)
@@ -200,42 +198,49 @@ class HybridLayerHooks:
             context.slow_kv[self.layer_idx] = (key, value)
         return context.slow_kv[self.layer_idx]
 
-    def _project_items(self, context: SlowContext) -> torch.Tensor:
-        """[B, S, 2 * H_kv * hd]: the slow tokens normalised by the layer's own `input_layernorm` and projected,
-        videos taken from `context.encoded` where it holds their K/V; the rest in one projection."""
+    def _project_items(self, context: SlowContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """key, value [B, H_kv, S, hd]: the slow tokens normalised by the layer's own `input_layernorm` and
+        projected, videos taken from `context.encoded` where it holds their K/V; the rest projected here."""
         slow, encoded = context.slow, context.encoded
-        kv_proj = self.branch.kv_proj
+        kv_proj, head_dim = self.branch.kv_proj, self.branch.head_dim
         parameters = [p for p in (kv_proj.weight, kv_proj.bias, getattr(self.norm, "weight", None)) if p is not None]
+        batch, length = slow.tokens.shape[:2]
         # in kv_proj's output dtype: bf16 under autocast even for an fp32 adapter (no fp32 copy of the K/V is kept)
-        kv = slow.tokens.new_zeros(*slow.tokens.shape[:2], kv_proj.out_features, dtype=compute_dtype(kv_proj.weight))
-        cached: dict[int, torch.Tensor] = {}
+        shape = (batch, kv_proj.out_features // (2 * head_dim), length, head_dim)
+        key, value = (slow.tokens.new_zeros(shape, dtype=compute_dtype(kv_proj.weight)) for _ in range(2))
+        cached: set[int] = set()
         if encoded is not None:
             for i, item in enumerate(slow.items):
                 part = encoded.cached_kv((context.owner, self.layer_idx, item.key), parameters) if item.key else None
                 if part is not None:
-                    cached[i] = part
-                    kv[item.row, item.start : item.start + item.length] = part
+                    cached.add(i)
+                    for whole, piece in zip((key, value), part, strict=True):
+                        whole[item.row, :, item.start : item.start + item.length] = piece
         todo = [item for i, item in enumerate(slow.items) if i not in cached]
         if todo:
             context.counters.kv_projection()
-            self._project_into(kv, slow.tokens, todo)
+            self._project_into(key, value, slow.tokens, todo)
             if encoded is not None and context.store_kv:
                 for item in todo:
                     if item.key:
-                        part = kv[item.row, item.start : item.start + item.length]
+                        part = tuple(t[item.row, :, item.start : item.start + item.length] for t in (key, value))
                         encoded.store_kv((context.owner, self.layer_idx, item.key), part, parameters)
-        return kv
+        return key, value
 
-    def _project_into(self, kv: torch.Tensor, tokens: torch.Tensor, items: list[SlowItem]) -> None:
-        """kv[b, s] = kv_proj(norm(tokens[b, s])) for every slow token of `items`, KV_CHUNK_TOKENS tokens per
-        call, so the normalised tokens are never held all at once (long videos)."""
+    def _project_into(
+        self, key: torch.Tensor, value: torch.Tensor, tokens: torch.Tensor, items: list[SlowItem]
+    ) -> None:
+        """key[b, :, s], value[b, :, s] = kv_proj(norm(tokens[b, s])) for every slow token of `items`,
+        KV_CHUNK_TOKENS tokens per call, so the normalised tokens are never held all at once (long videos)."""
         rows = torch.cat([torch.full((it.length,), it.row, dtype=torch.long) for it in items]).to(tokens.device)
         positions = torch.cat([torch.arange(it.start, it.start + it.length) for it in items]).to(tokens.device)
         norm = unsharded(self.norm)
         for begin in range(0, rows.numel(), KV_CHUNK_TOKENS):
             r, p = rows[begin : begin + KV_CHUNK_TOKENS], positions[begin : begin + KV_CHUNK_TOKENS]
             normed = norm(tokens[r, p])  # [n, D]
-            kv[r, p] = self.branch.project_tokens(normed)  # [n, 2 * H_kv * hd]
+            kv = self.branch.project_tokens(normed)  # [n, 2 * H_kv * hd]
+            k, v = rearrange(kv, "n (two h d) -> two n h d", two=2, d=self.branch.head_dim)
+            key[r, :, p], value[r, :, p] = k, v  # [n, H_kv, hd] each
 
     def before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = active_context(self.owner)

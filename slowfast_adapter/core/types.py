@@ -195,9 +195,13 @@ class VideoLayout:
 
 class SlowKVCache(Protocol):
     """Where a call's slow K/V may come from and go to (`encoded.EncodedVideos`), keyed by (adapter module id, layer
-    index, video fingerprint); `parameters`: the tensors the K/V were projected with (an entry is stale once they
-    change)."""
+    index, video fingerprint), each entry the video's (key, value) [H_kv, S_i, hd]; `parameters`: the tensors the K/V
+    were projected with (an entry is stale once they change)."""
 
-    def cached_kv(self, key: tuple[int, int, str], parameters: list[torch.Tensor]) -> torch.Tensor | None: ...
+    def cached_kv(
+        self, key: tuple[int, int, str], parameters: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
-    def store_kv(self, key: tuple[int, int, str], kv: torch.Tensor, parameters: list[torch.Tensor]) -> None: ...
+    def store_kv(
+        self, key: tuple[int, int, str], kv: tuple[torch.Tensor, torch.Tensor], parameters: list[torch.Tensor]
+    ) -> None: ...
