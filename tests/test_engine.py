@@ -7,14 +7,18 @@ import os
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 from serving import FRAMES, QUESTIONS, Reference, build_served, messages
 
 from slowfast_adapter.inference.answers import AnswerRow
 from slowfast_adapter.inference.chat import SamplingParams
+from slowfast_adapter.inference.collate import collate
 from slowfast_adapter.inference.encode_cache import CachedVideos, EncodeCache
 from slowfast_adapter.inference.engine import ChatJob, Engine, EngineSettings
 from slowfast_adapter.inference.media import MediaPolicy, RequestError, load_media
 from slowfast_adapter.inference.video import VideoClip
+from slowfast_adapter.tools.tiny import random_video
 
 FAMILIES = ["llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
@@ -43,6 +47,30 @@ def test_answers_equal_generate_and_batches_equal_one_by_one(family_served):
     assert engine.counters["batches"] == batches + 1
     assert [job.result.text for job in jobs] == [answer.text for answer in alone]
     assert all(job.result.cache_hit for job in jobs)
+
+
+def test_a_batch_is_its_rows_inputs_put_together_as_the_processor_batches_them(family_served):
+    """A batch takes its rows' prepared inputs (no second processor run over every frame): equal to the processor's
+    own left-padded batch, key by key; where rows cannot be put together (images tiled differently), the engine asks
+    the processor, so the batch is the processor's either way."""
+    served, engine = family_served
+    cases = [(video, question) for video in served.names for question in QUESTIONS[:2]]  # prompts of two lengths
+    jobs = [engine.prepare(ChatJob("alpha", messages(*case), SamplingParams(max_tokens=8))) for case in cases]
+    collated = collate([job.inputs for job in jobs], engine.processor.tokenizer.pad_token_id)
+    assert collated is not None
+    assert_same_inputs(collated, engine.inputs(jobs))
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 96, 3), dtype=np.uint8)  # LLaVA-OV: 3 tiles, not 2
+    frames = [random_video(1, size=size, seed=size)[0] for size in (40, 56)] + [pixels]
+    images = [Image.fromarray(frame) for frame in frames]
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]}]
+    image_jobs = [engine.prepare_read(ChatJob("alpha", []), conversation, images=[image]) for image in images]
+    assert_same_inputs(engine.batch_inputs(image_jobs), engine.inputs(image_jobs))
+
+
+def assert_same_inputs(batch: dict, expected: dict) -> None:
+    assert batch.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(batch[key], value) if isinstance(value, torch.Tensor) else batch[key] == value, key
 
 
 def test_baseline_modes_equal_the_model_in_those_modes(family_served):

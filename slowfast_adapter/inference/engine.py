@@ -36,6 +36,7 @@ from ..core.pooling import plan_fast_frames
 from ..model import SlowFastModel
 from .answers import AnswerRow, AnswerRows
 from .chat import FrameSampling, MediaRef, SamplingParams, parse_messages
+from .collate import collate
 from .encode_cache import CachedVideos, EncodeCache
 from .media import MediaPolicy, RequestError, load_media, public_message
 from .video import VideoClip, VideoReadError, read_clip
@@ -313,6 +314,12 @@ class Engine:
         inputs.pop("token_type_ids", None)
         return dict(inputs.to(self.model.device))
 
+    def batch_inputs(self, jobs: Sequence[ChatJob]) -> dict[str, Any]:
+        """The batch of prepared jobs: their one-row inputs put together (`collate.collate`), or, where those cannot
+        be, the processor's batch (`inputs`)."""
+        batch = collate([job.inputs for job in jobs], self.processor.tokenizer.pad_token_id)
+        return batch if batch is not None else self.inputs(jobs)
+
     # ------------------------------------------------------------------------------------------- running
     def batch_key(self, job: ChatJob) -> tuple | None:
         """Jobs with equal keys may run as one batch; None: this job runs alone."""
@@ -410,7 +417,7 @@ class Engine:
         tokenizer = self.processor.tokenizer
         rows = [AnswerRow(tokenizer, self.eos_ids, job.sampling.max_tokens, job.sampling.stop, job.on_text,
                           job.cancelled) for job in jobs]  # fmt: skip
-        inputs = first.inputs if len(jobs) == 1 else self.inputs(jobs)
+        inputs = first.inputs if len(jobs) == 1 else self.batch_inputs(jobs)
         encoded = _merged([e.encoded for e in entries if e is not None and e.encoded is not None])
         sampling = first.sampling
         kwargs: dict[str, Any] = {"max_new_tokens": max(job.sampling.max_tokens for job in jobs),
