@@ -182,6 +182,45 @@ def test_streaming_equals_non_streaming(served, expected):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_merged_metrics_label_every_sample_with_its_replica():
+    from slowfast_adapter.serve.ray_app import merge_metrics
+
+    def text(count: int, ok: int) -> str:
+        return (f"# HELP a_total A.\n# TYPE a_total counter\na_total {count}\n# HELP b_total B.\n"
+                f'# TYPE b_total counter\nb_total{{code="200"}} {ok}\nb_total{{code="400"}} 1\n')  # fmt: skip
+
+    assert merge_metrics({"r2": text(4, 5), 'r"1': text(3, 2)}) == (
+        '# HELP a_total A.\n# TYPE a_total counter\na_total{replica="r\\"1"} 3\na_total{replica="r2"} 4\n'
+        '# HELP b_total B.\n# TYPE b_total counter\nb_total{replica="r\\"1",code="200"} 2\n'
+        'b_total{replica="r\\"1",code="400"} 1\nb_total{replica="r2",code="200"} 5\n'
+        'b_total{replica="r2",code="400"} 1\n'
+    )
+
+
+def completed_by_replica(url: str) -> dict[str, float]:
+    """slowfast_requests_completed_total of each replica, from the router's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    assert text.count("# TYPE slowfast_requests_completed_total ") == 1, text
+    prefix = 'slowfast_requests_completed_total{replica="'
+    samples = [line[len(prefix) :].split('"} ') for line in text.splitlines() if line.startswith(prefix)]
+    return {replica: float(value) for replica, value in samples}
+
+
+@SLOW
+def test_metrics_gather_every_replica(served, expected):
+    """The router's /metrics holds every replica's counters, each labelled with its replica: the requests each one
+    answered (as the replies' headers say) are exactly what its counter grew by."""
+    client, url = served[3], served[4]
+    before = completed_by_replica(url)
+    answered: dict[str, int] = {}
+    for i in range(VIDEOS):
+        _, headers = ask(client, i, QUESTIONS[0])
+        answered[headers["x-slowfast-replica"]] = answered.get(headers["x-slowfast-replica"], 0) + 1
+    after = completed_by_replica(url)
+    assert len(after) == 2 and set(answered) == set(after), (answered, after)
+    assert {replica: after[replica] - before.get(replica, 0) for replica in after} == answered
+
+
 @SLOW
 def test_errors_keep_their_status(served):
     client, url = served[3], served[4]

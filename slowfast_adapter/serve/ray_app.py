@@ -29,6 +29,7 @@ import asyncio
 import contextvars
 import hashlib
 import json
+import re
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ APP_NAME = "slowfast-adapter"
 BATCH_WAIT_S = 0.01  # how long a replica waits for more requests to join a batch
 VIDEOS_PER_REPLICA = 256  # routing keys a replica advertises (least recently used dropped first)
 HEADER_REPLICA, HEADER_BATCH, HEADER_CACHE = "x-slowfast-replica", "x-slowfast-batch", "x-slowfast-cache"
+REPLICA_KEY = "@replica:"  # a routing key that names a replica by its rank (the router's /metrics asks each one)
 
 
 def video_key(body: bytes) -> str:
@@ -88,6 +90,9 @@ class VideoAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         key = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         if not key or not candidate_replicas:
             return [candidate_replicas]
+        if key.startswith(REPLICA_KEY):  # "@replica:i": the i-th replica by id (the router's /metrics)
+            ordered = sorted(candidate_replicas, key=lambda replica: replica.replica_id.unique_id)
+            return [[ordered[int(key[len(REPLICA_KEY) :]) % len(ordered)]]]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
         home = self.homes.get(key)
         if home not in by_id:
@@ -157,7 +162,7 @@ class SlowFastReplica:
         """Run one HTTP request through the app: yields ("start", status, headers), then body chunks (bytes).
         Cancelling this generator (the client went away) disconnects the request, which cancels its job."""
         key = serve.get_multiplexed_model_id()
-        if key:
+        if key and not key.startswith(REPLICA_KEY):
             await self._claim(key)
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
                  "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query,
@@ -211,20 +216,36 @@ class SlowFastReplica:
 class VideoRouter:
     """The HTTP entry point: forwards every request to a replica, keyed by its videos (see the module docstring)."""
 
-    def __init__(self, replicas: Any, route_by_video: bool = True) -> None:
+    def __init__(self, replicas: Any, route_by_video: bool = True, num_replicas: int = 1) -> None:
         self.replicas = replicas
         self.route_by_video = route_by_video
+        self.num_replicas = num_replicas
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The router's app (built on its replica, after `__init__`)."""
-        return router_app(self.replicas, self.route_by_video)
+        return router_app(self.replicas, self.route_by_video, self.num_replicas)
 
 
-def router_app(replicas: Any, route_by_video: bool) -> FastAPI:
+def router_app(replicas: Any, route_by_video: bool, num_replicas: int = 1) -> FastAPI:
     """One catch-all route that forwards each request to a replica (keyed by its videos) and relays the replica's
-    answer as it comes. (A module-level function: the deployment class is pickled by value, and FastAPI must resolve
-    this module's annotations.)"""
+    answer as it comes; with video routing, `GET /metrics` gathers every replica's counters (`merge_metrics`).
+    (A module-level function: the deployment class is pickled by value, and FastAPI must resolve this module's
+    annotations.)"""
     app = FastAPI(title="slowfast-adapter (Ray Serve)")
+
+    if route_by_video:  # the router can name replicas (`REPLICA_KEY`); Ray's default router cannot
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            texts = {}
+            for rank in range(num_replicas):  # a replica met twice (one is down) is kept once
+                handle = replicas.options(stream=True, multiplexed_model_id=f"{REPLICA_KEY}{rank}")
+                reply = handle.forward.remote("GET", "/metrics", b"", [], b"")
+                _, status, headers = await reply.__anext__()
+                body = b"".join([chunk async for chunk in reply])
+                if status == 200:
+                    texts[dict(headers).get(HEADER_REPLICA.encode(), b"?").decode()] = body.decode()
+            return Response(merge_metrics(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def proxy(request: Request) -> Response:
@@ -242,6 +263,29 @@ def router_app(replicas: Any, route_by_video: bool) -> FastAPI:
         return StreamingResponse(_relay(reply), status_code=status, headers=_response_headers(response_headers))
 
     return app
+
+
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})? (.+)$")
+
+
+def merge_metrics(texts: dict[str, str]) -> str:
+    """Replicas' Prometheus texts (replica tag -> text) as one: every sample gains a `replica` label, each metric's
+    HELP and TYPE are written once, its samples from every replica after them (`sum without (replica)` adds
+    them up)."""
+    headers: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for replica, text in sorted(texts.items()):
+        label = 'replica="{}"'.format(replica.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+        for line in text.splitlines():
+            if line.startswith("# "):
+                name = line.split(" ", 3)[2]
+                if line not in headers.setdefault(name, []):
+                    headers[name].append(line)
+            elif match := _SAMPLE.match(line):
+                name, labels, value = match.groups()
+                samples.setdefault(name, []).append(f"{name}{{{label}{',' + labels if labels else ''}}} {value}")
+    lines = [line for name in headers | samples for line in (*headers.get(name, []), *samples.get(name, []))]
+    return "\n".join(lines) + "\n"
 
 
 async def _relay(reply: Any) -> AsyncIterator[bytes]:
@@ -284,7 +328,7 @@ def build(
             else {}
         ),
     ).bind(load, max(1, round(cpus_per_replica)), batch_wait_s)
-    return VideoRouter.bind(engine, route_by_video)
+    return VideoRouter.bind(engine, route_by_video, replicas)
 
 
 def start(
