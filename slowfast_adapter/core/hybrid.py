@@ -7,7 +7,7 @@ with two forward pre-hooks (on `self_attn` and `o_proj`) that act only inside th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +150,23 @@ def unsharded(module: nn.Module) -> Callable[..., torch.Tensor]:
     return lambda *args: torch.func.functional_call(module, whole, args)
 
 
+def _token_chunks(items: list[SlowItem], size: int) -> Iterator[list[tuple[int, int, int]]]:
+    """The tokens of `items` in order, cut into chunks of at most `size` tokens: each chunk a list of pieces
+    (row, start, length), an item's tokens split where a chunk ends."""
+    chunk, room = [], size
+    for item in items:
+        start, left = item.start, item.length
+        while left:
+            take = min(left, room)
+            chunk.append((item.row, start, take))
+            start, left, room = start + take, left - take, room - take
+            if not room:
+                yield chunk
+                chunk, room = [], size
+    if chunk:
+        yield chunk
+
+
 def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """tensor [B, L, X], index [B, K] -> [B, K, X]."""
     return tensor.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
@@ -231,16 +248,18 @@ class HybridLayerHooks:
         self, key: torch.Tensor, value: torch.Tensor, tokens: torch.Tensor, items: list[SlowItem]
     ) -> None:
         """key[b, :, s], value[b, :, s] = kv_proj(norm(tokens[b, s])) for every slow token of `items`,
-        KV_CHUNK_TOKENS tokens per call, so the normalised tokens are never held all at once (long videos)."""
-        rows = torch.cat([torch.full((it.length,), it.row, dtype=torch.long) for it in items]).to(tokens.device)
-        positions = torch.cat([torch.arange(it.start, it.start + it.length) for it in items]).to(tokens.device)
+        KV_CHUNK_TOKENS tokens per call, so the normalised tokens are never held all at once (long videos). Tokens
+        are read and written as slices (a scattered index_put into the per-head layout is ~3x slower on the CPU)."""
         norm = unsharded(self.norm)
-        for begin in range(0, rows.numel(), KV_CHUNK_TOKENS):
-            r, p = rows[begin : begin + KV_CHUNK_TOKENS], positions[begin : begin + KV_CHUNK_TOKENS]
-            normed = norm(tokens[r, p])  # [n, D]
+        for pieces in _token_chunks(items, KV_CHUNK_TOKENS):
+            normed = norm(torch.cat([tokens[row, start : start + length] for row, start, length in pieces]))  # [n, D]
             kv = self.branch.project_tokens(normed)  # [n, 2 * H_kv * hd]
-            k, v = rearrange(kv, "n (two h d) -> two n h d", two=2, d=self.branch.head_dim)
-            key[r, :, p], value[r, :, p] = k, v  # [n, H_kv, hd] each
+            k, v = rearrange(kv, "n (two h d) -> two h n d", two=2, d=self.branch.head_dim)
+            offset = 0
+            for row, start, length in pieces:
+                key[row, :, start : start + length] = k[:, offset : offset + length]
+                value[row, :, start : start + length] = v[:, offset : offset + length]
+                offset += length
 
     def before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = active_context(self.owner)
