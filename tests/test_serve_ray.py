@@ -36,6 +36,7 @@ FRAMES, TOKENS, VIDEOS = 8, 6, 6
 BATCHED, ROUTED = range(0, 3), range(3, 6)  # videos of the batching test, videos first seen by the routing test
 QUESTIONS = ["What happens?", "Which colours do you see?"]
 STARTUP_S = 240
+COUNTERS = ("slowfast_requests_completed_total", "slowfast_completion_tokens_total")
 
 
 def chat(video: str, question: str) -> list[dict]:
@@ -197,11 +198,11 @@ def test_merged_metrics_label_every_sample_with_its_replica():
     )
 
 
-def completed_by_replica(url: str) -> dict[str, float]:
-    """slowfast_requests_completed_total of each replica, from the router's /metrics."""
+def by_replica(url: str, name: str = "slowfast_requests_completed_total") -> dict[str, float]:
+    """A counter of each replica, from the router's /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=60).text
-    assert text.count("# TYPE slowfast_requests_completed_total ") == 1, text
-    prefix = 'slowfast_requests_completed_total{replica="'
+    assert text.count(f"# TYPE {name} ") == 1, text
+    prefix = f'{name}{{replica="'
     samples = [line[len(prefix) :].split('"} ') for line in text.splitlines() if line.startswith(prefix)]
     return {replica: float(value) for replica, value in samples}
 
@@ -211,14 +212,37 @@ def test_metrics_gather_every_replica(served, expected):
     """The router's /metrics holds every replica's counters, each labelled with its replica: the requests each one
     answered (as the replies' headers say) are exactly what its counter grew by."""
     client, url = served[3], served[4]
-    before = completed_by_replica(url)
+    before = by_replica(url)
     answered: dict[str, int] = {}
     for i in range(VIDEOS):
         _, headers = ask(client, i, QUESTIONS[0])
         answered[headers["x-slowfast-replica"]] = answered.get(headers["x-slowfast-replica"], 0) + 1
-    after = completed_by_replica(url)
+    after = by_replica(url)
     assert len(after) == 2 and set(answered) == set(after), (answered, after)
     assert {replica: after[replica] - before.get(replica, 0) for replica in after} == answered
+
+
+@SLOW
+def test_a_client_that_disconnects_mid_stream_ends_its_job_on_the_replica(served):
+    """Closing a streamed request cancels the replica's job through the router: it ends (counted as completed) long
+    before the tokens it asked for, and the server answers the next request."""
+    client, url = served[3], served[4]
+    # The tiny model's greedy answer to this question does not end within 100 tokens (checked, so the test can fail).
+    assert client.chat.completions.create(model="a", messages=chat("v0.mp4", QUESTIONS[1]), max_tokens=100,
+                                          temperature=0).choices[0].finish_reason == "length"  # fmt: skip
+    completed, tokens = (sum(by_replica(url, name).values()) for name in COUNTERS)
+    body = {"model": "a", "messages": chat("v0.mp4", QUESTIONS[1]), "max_tokens": 2000, "temperature": 0,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(6)][0].startswith("data: ")
+    deadline = time.monotonic() + 60
+    while sum(by_replica(url).values()) == completed and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sum(by_replica(url).values()) == completed + 1, "the abandoned request did not end"
+    assert sum(by_replica(url, COUNTERS[1]).values()) - tokens < 1000, "the abandoned request ran to its length"
+    assert ask(served[3], 1, QUESTIONS[0])[0]
 
 
 @SLOW
