@@ -18,11 +18,12 @@ TOKEN_PADDING = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
 """Token-level inputs -> the value their left padding holds (None: the tokenizer's pad id)."""
 
 
-def collate(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any] | None:
+def collate(rows: Sequence[dict[str, Any]], pad_token_id: int | None) -> dict[str, Any] | None:
     """rows: one-row processor outputs (same keys); returns their left-padded batch, or None where the rows cannot
-    be put together without the processor (a non-token tensor whose trailing shapes differ between rows)."""
+    be put together without the processor (a non-token tensor whose trailing shapes differ between rows, or no pad
+    id). A token-level key not in `TOKEN_PADDING` is concatenated when its rows have one length, else refused."""
     keys = rows[0].keys()
-    if any(row.keys() != keys for row in rows):
+    if pad_token_id is None or any(row.keys() != keys for row in rows):
         return None
     length = max(row["input_ids"].shape[1] for row in rows)
     batch: dict[str, Any] = {}
