@@ -67,6 +67,20 @@ def test_a_batch_is_its_rows_inputs_put_together_as_the_processor_batches_them(f
     assert_same_inputs(engine.batch_inputs(image_jobs), engine.inputs(image_jobs))
 
 
+def test_collate_pads_tokens_on_the_left_and_refuses_what_it_cannot_join():
+    one = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+           "pixels": torch.zeros(1, 3), "sizes": [(1, 2)]}  # fmt: skip
+    two = {"input_ids": torch.tensor([[7, 8, 9]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+           "pixels": torch.ones(2, 3), "sizes": [(3, 4)]}  # fmt: skip
+    batch = collate([one, two], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
+    assert batch["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert batch["pixels"].tolist() == [[0, 0, 0], [1, 1, 1], [1, 1, 1]] and batch["sizes"] == [(1, 2), (3, 4)]
+    assert collate([one, {**two, "pixels": torch.ones(2, 4)}], pad_token_id=0) is None  # trailing shapes differ
+    assert collate([one, {k: v for k, v in two.items() if k != "sizes"}], pad_token_id=0) is None  # other keys
+    assert collate([one, two], pad_token_id=None) is None
+
+
 def assert_same_inputs(batch: dict, expected: dict) -> None:
     assert batch.keys() == expected.keys()
     for key, value in expected.items():
