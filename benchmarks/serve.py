@@ -16,8 +16,8 @@ Servers, all in this one run, one after the other:
 Every cell uses videos no earlier cell of that server asked about (cold caches), after warm-up requests about other
 videos. Each answer is compared with the one-process, unbatched, uncached answer to the same question
 (`answers_differ`). For Ray, `sticky` is the share of repeat questions about a video answered by the replica that
-answered its first question (from the `x-slowfast-replica` header); for the one-process server, `cache hits` come
-from its /metrics.
+answered its first question (from the `x-slowfast-replica` header); `cache hits` come from /metrics (under Ray, the
+router's, which sums every replica's; not with Ray's own router).
 
     python benchmarks/serve.py                       # quick model, 4 videos x 4 questions, 16 tokens
     python benchmarks/serve.py --model default --videos 8 --questions 4 --tokens 32
@@ -180,11 +180,12 @@ def stickiness(results: dict, videos: list[str], questions: int) -> float | None
 
 
 def cache_hits(url: str) -> tuple[int, int]:
-    """(hits, misses) of the one-process server's encode cache, from /metrics."""
+    """(hits, misses) of the server's encode caches, from /metrics (under Ray, the router's: every replica's
+    samples, labelled by replica, summed)."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    hits = re.search(r"^slowfast_encode_cache_hits_total (\d+)", text, re.M)
-    misses = re.search(r"^slowfast_encode_cache_misses_total (\d+)", text, re.M)
-    return int(hits.group(1)), int(misses.group(1))
+    sample = r"^slowfast_encode_cache_{}_total(?:\{{[^}}]*\}})? (\d+)"
+    hits, misses = (sum(map(int, re.findall(sample.format(name), text, re.M))) for name in ("hits", "misses"))
+    return hits, misses
 
 
 def wait_up(url: str, process: subprocess.Popen | None = None, timeout: float = 300) -> None:
@@ -204,7 +205,7 @@ def wait_up(url: str, process: subprocess.Popen | None = None, timeout: float = 
 def measure_server(url: str, args: argparse.Namespace, sets: dict[int, list[str]], warmup: list[str], *,
                    metrics: bool) -> dict:  # fmt: skip
     """Warm-up requests (other videos, two at a time), then one cell per client count; metrics: read the encode
-    cache's hits from /metrics (one process only: a Ray replica counts its own)."""
+    caches' hits from /metrics."""
     asyncio.run(run_cell(url, warmup, 1, 2, args.tokens))
     cells = {}
     for clients in args.clients:
@@ -266,7 +267,7 @@ def ray_servers(args: argparse.Namespace, folders: dict[str, Path], sets, warmup
             serve.run(app, name=ray_app.APP_NAME, route_prefix="/")
             url = f"http://127.0.0.1:{port}"
             wait_up(url)
-            results[label] = measure_server(url, args, sets, warmup, metrics=False)
+            results[label] = measure_server(url, args, sets, warmup, metrics=routed)  # Ray's own router: one replica
             serve.delete(ray_app.APP_NAME)
     finally:
         serve.shutdown()
@@ -360,8 +361,9 @@ def report(args: argparse.Namespace, servers: dict, start: dict, end: dict) -> N
                 )
     lines += [
         "",
-        "cache hits: requests whose videos were already encoded (one process, from /metrics; Ray replicas keep their "
-        "own counters). sticky: share of repeat questions about a video answered by the replica that answered its "
+        "cache hits: requests whose videos were already encoded (from /metrics; under Ray the router sums its "
+        "replicas' counters, except with Ray's own router, which cannot reach each replica). sticky: share of repeat "
+        "questions about a video answered by the replica that answered its "
         "first one. answers differ: answers not equal to the one-process, unbatched, uncached answer.",
     ]
     data = {
