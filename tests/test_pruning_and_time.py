@@ -97,26 +97,26 @@ def test_order_videos_hide_both_squares_from_the_fast_tokens_and_the_base_subsam
         assert spec.first[0] < spec.second[0] and spec.first[3] != spec.second[3]
 
 
-def slow_keys(model, inputs) -> tuple[torch.Tensor, object]:
-    """The first hybrid layer's slow keys [B, H_kv, S, hd] of a call on `inputs`, and the prepared slow tokens."""
-    prepared = model.prepare_inputs(**inputs)
-    context = model.slow_context(prepared)
-    return context.slow_kv[model.hybrid_layer_indices[0]][0], prepared.slow
+def keys_without_and_with_time(base, config: dict, inputs) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """The first hybrid layer's slow keys [B, H_kv, S, hd] of a call on `inputs` with slow_key_positions "none", then
+    "temporal" (each a wrap of `base`, unwrapped after), and the "temporal" call's prepared inputs."""
+    keys = []
+    for positions in ("none", "temporal"):
+        model = sfa.wrap(base, sfa.SlowFastConfig(**config, slow_key_positions=positions))
+        try:
+            prepared = model.prepare_inputs(**inputs)
+            keys.append(model.slow_context(prepared).slow_kv[model.hybrid_layer_indices[0]][0])
+        finally:
+            model.unwrap()
+    return *keys, prepared
 
 
 def test_temporal_key_positions_rotate_each_frames_keys_by_its_time_in_the_fast_span(llava):
     base, processor = llava
     frames, config = 8, {"temporal_sampling_stride": 2, "temporal_pooling_stride": 2, "min_fast_frames": 2}
     inputs = make_inputs(processor, [("video", "Which color came first?"), ("video", "Hi")], frames=frames)
-    model = sfa.wrap(base, sfa.SlowFastConfig(**config))
-    try:
-        plain, _ = slow_keys(model, inputs)
-        model.unwrap()
-        model = sfa.wrap(base, sfa.SlowFastConfig(**config, slow_key_positions="temporal"))
-        rotated, slow = slow_keys(model, inputs)
-        prepared = model.prepare_inputs(**inputs)
-    finally:
-        model.unwrap()
+    plain, rotated, prepared = keys_without_and_with_time(base, config, inputs)
+    slow = prepared.slow
     video_id = base.config.video_token_id
     per_frame = slow.tokens.shape[1] // frames
     span = int((prepared.input_ids[0] == video_id).sum()) - 1  # fast grid tokens, without the newline

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_inputs
 from test_generation import _full_forward_logits, perturb_branches
-from test_pruning_and_time import order_sensitivity
+from test_pruning_and_time import keys_without_and_with_time, order_sensitivity
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import slowfast_adapter as sfa
@@ -33,13 +33,6 @@ def with_time(inputs, family: str):
     return inputs
 
 
-def slow_keys(model, inputs) -> tuple[torch.Tensor, object]:
-    """The first hybrid layer's slow keys [B, H_kv, S, hd] of a call on `inputs`, and the prepared slow tokens."""
-    prepared = model.prepare_inputs(**inputs)
-    context = model.slow_context(prepared)
-    return context.slow_kv[model.hybrid_layer_indices[0]][0], prepared.slow
-
-
 @pytest.mark.parametrize("family", QWEN)
 def test_with_temporal_key_positions_the_slow_path_tells_the_order_of_skipped_groups(tiny_dirs, family):
     """Swapping two temporal groups that the fast tokens skip changes nothing with 'none' (the slow path reads a set)
@@ -63,15 +56,8 @@ def test_qwen2_vl_key_positions_by_hand_under_left_padding(tiny_dirs):
     config = {"temporal_sampling_stride": 2, "temporal_pooling_stride": 2, "min_fast_frames": 2}
     config["spatial_pooling_stride"] = 2
     inputs = make_inputs(processor, [("video", "Which color came first in this one?"), ("video", "Hi")], frames=FRAMES)
-    model = sfa.wrap(base, sfa.SlowFastConfig(**config))
-    try:
-        plain, _ = slow_keys(model, inputs)
-        model.unwrap()
-        model = sfa.wrap(base, sfa.SlowFastConfig(**config, slow_key_positions="temporal"))
-        rotated, slow = slow_keys(model, inputs)
-        prepared = model.prepare_inputs(**inputs)
-    finally:
-        model.unwrap()
+    plain, rotated, prepared = keys_without_and_with_time(base, config, inputs)
+    slow = prepared.slow
     video_id = base.config.video_token_id
     mask = prepared.model_inputs["attention_mask"]
     group, row_, col = torch.meshgrid(torch.arange(8.0), torch.arange(4.0), torch.arange(4.0), indexing="ij")
