@@ -267,6 +267,7 @@ def ray_servers(args: argparse.Namespace, folders: dict[str, Path], sets, warmup
             serve.run(app, name=ray_app.APP_NAME, route_prefix="/")
             url = f"http://127.0.0.1:{port}"
             wait_up(url)
+            ray_app.wait_for_routing(url, args.replicas, routed)  # the router knows every replica
             results[label] = measure_server(url, args, sets, warmup, metrics=routed)  # Ray's own router: one replica
             serve.delete(ray_app.APP_NAME)
     finally:

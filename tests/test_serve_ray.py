@@ -75,6 +75,10 @@ def served(tiny_dirs, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process, STARTUP_S, lambda: (root / "server.log").read_text()[-3000:])
+        # /health answers once one replica runs; the CLI says "serving" once every replica runs and the router
+        # knows them all (a video asked about before then stays with the replicas it knew)
+        wait_for_line(root / "server.log", "serving ['a']", process, STARTUP_S)
+        assert "videos asked about now may all go to those" not in (root / "server.log").read_text()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         yield base_dir, root / "adapter", videos, client, url
     finally:
@@ -82,6 +86,15 @@ def served(tiny_dirs, tmp_path_factory):
         log.close()
     assert stopped == 0, (root / "server.log").read_text()[-3000:]
     assert _session_members(process.pid) == [], "serve --ray left processes behind"
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
+    """Wait until `text` appears in the file `log`; fail with its tail if `process` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {text!r} in {timeout} s: {log.read_text()[-3000:]}"
+        time.sleep(0.5)
 
 
 def _stop(process: subprocess.Popen) -> int | None:

@@ -355,15 +355,16 @@ def start(
     app = build(load, replicas=replicas, cpus_per_replica=cpus_per_replica, route_by_video=route_by_video,
                 batch_wait_s=batch_wait_s)  # fmt: skip
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    _wait_for_routing(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", replicas)
+    wait_for_routing(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", replicas, route_by_video)
 
 
-def _wait_for_routing(url: str, replicas: int, timeout_s: float = 120.0) -> None:
-    """Return once the router has sent requests to `replicas` distinct replicas (or after `timeout_s`, saying so).
+def wait_for_routing(url: str, replicas: int, route_by_video: bool, timeout_s: float = 120.0) -> None:
+    """Return once the router reaches `replicas` distinct replicas (or after `timeout_s`, saying so).
 
     `serve.run` returns when every replica runs, but the router learns of them a moment later; a video's first
-    question asked before then would pin the video to the only replica the router knew. Key-less GETs (/health) go
-    to any replica, so seeing every replica answer one proves the router knows them all."""
+    question asked before then would stay with the only replica the router knew. With video routing, `/metrics`
+    asks the replica of each rank the router knows (`REPLICA_KEY`), so every replica labelling its samples proves
+    the router knows them all; without it, Ray's default router sends key-less GETs (/health) to random replicas."""
     import time
 
     import httpx
@@ -372,10 +373,15 @@ def _wait_for_routing(url: str, replicas: int, timeout_s: float = 120.0) -> None
     deadline = time.monotonic() + timeout_s
     while len(seen) < replicas and time.monotonic() < deadline:
         try:
-            seen.add(httpx.get(f"{url}/health", timeout=10).headers.get(HEADER_REPLICA, ""))
+            if route_by_video:
+                seen |= set(re.findall(r'replica="([^"]+)"', httpx.get(f"{url}/metrics", timeout=10).text))
+            else:
+                seen.add(httpx.get(f"{url}/health", timeout=10).headers.get(HEADER_REPLICA, ""))
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
         seen.discard("")
+        if len(seen) < replicas:
+            time.sleep(0.2)
     if len(seen) < replicas:
         print(f"slowfast-adapter serve: the router reached {len(seen)} of {replicas} replicas in {timeout_s:.0f} s; "
               "videos asked about now may all go to those", flush=True)  # fmt: skip
