@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -84,8 +85,18 @@ def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     except subprocess.TimeoutExpired:
         _kill_tree(proc)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"{cmd[:4]} timed out after {timeout} s:\n{stderr[-4000:]}")
+        pytest.fail(f"{cmd[:4]} timed out after {timeout} s:\n{_why(stderr)}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+_ERROR_LINE = re.compile(r"Error|Exception|Traceback|terminate called|exitcode|Signal")
+
+
+def _why(stderr: str, tail: int = 4000) -> str:
+    """A failed run's stderr for the assertion message: first every line that names an error, from any rank (a
+    launcher's tail alone can cut off the rank that failed first), then the last `tail` characters."""
+    errors = [line for line in stderr.splitlines() if _ERROR_LINE.search(line)][:80]
+    return "\n".join(["error lines:", *errors, "", "tail:", stderr[-tail:]])
 
 
 def _adapter(directory: Path) -> dict[str, torch.Tensor]:
@@ -100,7 +111,7 @@ def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
     cmd += [str(REPO / "tests/ddp_train_worker.py"), str(RECIPE)]
     cmd += _overrides(tiny_data, out, "train.max_steps=8", "train.per_device_batch_size=1", "train.save_steps=100")
     result = _run(cmd)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, _why(result.stderr)
     assert "on 2 processes" in result.stdout + result.stderr
     rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     assert set(rank0) == set(rank1) and any(".projectors." in k for k in rank0)
@@ -123,7 +134,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_data, tmp_path):
     """SIGKILL after the first checkpoint, restart: the final adapter equals an uninterrupted run's, bit for bit."""
     steps = ["train.max_steps=10", "train.save_steps=2", "train.save_total_limit=2"]
     full = _run(_train_cmd(tiny_data, tmp_path / "full", *steps))
-    assert full.returncode == 0, full.stderr[-4000:]
+    assert full.returncode == 0, _why(full.stderr)
 
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -142,7 +153,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_data, tmp_path):
         log.writelines(json.dumps({"step": step, "loss": -1.0}) + "\n" for step in range(done + 1, done + 4))
 
     resumed = _run(_train_cmd(tiny_data, killed_dir, *steps))
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.returncode == 0, _why(resumed.stderr)
     assert f"resumed from {killed_dir / 'checkpoints'}" in resumed.stdout + resumed.stderr
     expected, actual = _adapter(tmp_path / "full/adapter"), _adapter(killed_dir / "adapter")
     assert set(expected) == set(actual)
@@ -217,7 +228,7 @@ the step-1 loss by 0.08."""
 def one_process_run(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one-process") / "run"
     result = _run(_train_cmd(tiny_data, out, *ONE_PROCESS))
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, _why(result.stderr)
     return out
 
 
@@ -232,7 +243,7 @@ def test_sharded_two_processes_on_cpu_match_one_process_and_resume(engine, tiny_
         pytest.importorskip("deepspeed", reason=DEEPSPEED_MISSING)
     out = tmp_path / engine
     full = _run(_launch_cmd(engine, tiny_data, out, *SHARDED_RUN))
-    assert full.returncode == 0, full.stderr[-4000:]
+    assert full.returncode == 0, _why(full.stderr)
     kind = "FSDP" if engine == "fsdp" else "DEEPSPEED"
     assert f"on 2 processes ({kind})" in full.stdout + full.stderr  # not silently DDP (MULTI_CPU) or one process
 
@@ -290,7 +301,7 @@ def test_sharded_two_processes_on_cpu_match_one_process_and_resume(engine, tiny_
     done = json.loads((list_checkpoints(killed)[-1] / "trainer_state.json").read_text())["global_step"]
     assert done < 12 and not (killed / "adapter").exists()
     resumed = _run(_launch_cmd(engine, tiny_data, killed, *SHARDED_RUN))
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.returncode == 0, _why(resumed.stderr)
     assert f"resumed from {killed / 'checkpoints'}" in resumed.stdout + resumed.stderr
     expected, actual = _adapter(out / "adapter"), _adapter(killed / "adapter")
     assert set(expected) == set(actual) and all(torch.equal(expected[k], actual[k]) for k in expected)
