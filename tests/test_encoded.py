@@ -4,13 +4,17 @@ first (gates opened, K/V projection perturbed), so reusing stale or misplaced fe
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from conftest import make_inputs
 from test_generation import perturb_branches
 
 import slowfast_adapter as sfa
+from slowfast_adapter.core import encoded as encoded_module
 from slowfast_adapter.core import inspection, surface
+from slowfast_adapter.core.encoded import fingerprint
 
 SAMPLES = [("video", "What color is the star?"), ("Tell me", "video", "is it red or blue? Answer in one word please.")]
 OTHER_QUESTIONS = [("video", "Where is the star?"), ("Describe", "video", "in three words.")]
@@ -93,6 +97,33 @@ def test_a_batch_may_mix_cached_and_new_videos_and_repeat_one(model, processor, 
     # The new video went through the tower alone instead of with the others: float rounding only.
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
     assert len(encoded) == 1, "a call with `encoded=` reads the cache; only `encode` adds to it"
+
+
+@torch.no_grad()
+def test_pixels_are_hashed_once_per_tensor_and_again_after_a_change_in_place(model, processor, counters, monkeypatch):
+    """Videos are matched by a digest of their pixels, remembered per pixel tensor: later calls with the same
+    tensor do not hash it again, a change in place (its version counter) makes the video new (features of the
+    changed pixels, not the remembered ones), and the memo goes with the tensor."""
+    hashed = []
+    monkeypatch.setattr(encoded_module, "fingerprint", lambda pixels: hashed.append(1) or fingerprint(pixels))
+    inputs = make_inputs(processor, SAMPLES)
+    encoded = model.encode(**inputs)
+    assert len(hashed) == 2 and len(encoded.digests) == 2  # two videos, each hashed once
+    before = model(**inputs, encoded=encoded).logits
+    _generate(model, inputs, encoded=encoded)
+    assert len(hashed) == 2, "the same pixel tensor was hashed again"
+
+    pixels = next(value for key, value in inputs.items() if key.startswith("pixel_values"))
+    pixels.mul_(0.5)  # in place: the remembered digests no longer describe these pixels
+    counters.update(videos=0)
+    after = model(**inputs, encoded=encoded).logits
+    assert len(hashed) == 4 and counters["videos"] == 1, "changed pixels must be hashed and encoded again"
+    assert torch.equal(after, model(**inputs).logits)
+    assert not torch.equal(after, before)
+
+    del inputs, pixels
+    gc.collect()
+    assert not encoded.digests, "the memo outlived its pixel tensor"
 
 
 def test_training_after_encode_projects_the_slow_kv_again(model, processor, counters):

@@ -170,8 +170,12 @@ def test_media_policy_keeps_local_files_inside_its_roots(tmp_path):
     with pytest.raises(RequestError, match="limit") as error, load_media("big.mp4", "video", policy):
         pass
     assert error.value.status == 413
-    with load_media("data:video/mp4;base64,dmlkZW8=", "video", policy) as media:
+    with (
+        load_media("in.mp4", "video", policy) as on_disk,
+        load_media("data:video/mp4;base64,dmlkZW8=", "video", policy) as media,
+    ):
         assert media.path.read_bytes() == b"video" and str(tmp_path) not in str(media.path)
+        assert media.digest == on_disk.digest  # the same bytes, sent inline or named: one encode-cache entry
         temporary = media.path
     assert not temporary.exists()  # a data: URL's bytes are removed once read
     with pytest.raises(RequestError, match="malformed"), load_media("data:video/mp4;base64,%%%", "video", policy):

@@ -576,7 +576,7 @@ class Engine:
 
 
 def frames_digest(clip: VideoClip) -> str:
-    """The identity of a clip's frames: `encoded.fingerprint` of its pixels (shape, dtype, BLAKE2 of the bytes)."""
+    """The identity of a clip's frames: `encoded.fingerprint` of its pixels (shape, dtype, SHA-256 of the bytes)."""
     return fingerprint(torch.from_numpy(np.ascontiguousarray(clip.frames)))
 
 

@@ -52,7 +52,7 @@ class MediaPolicy:
 
 @dataclass
 class Media:
-    """One video or image of a request: `digest` (BLAKE2 of its bytes), `path` readable while the `load_media` context
+    """One video or image of a request: `digest` (SHA-256 of its bytes), `path` readable while the `load_media` context
     is open, `label` how the client named it (for messages)."""
 
     digest: str
@@ -67,12 +67,13 @@ def _label(url: str) -> str:
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """A BLAKE2 digest (hex, 16 bytes) of the file's bytes."""
-    digest = hashlib.blake2b(digest_size=16)
+    """A SHA-256 digest (hex, the first 16 bytes) of the file's bytes (see `core.encoded.fingerprint` for why not
+    BLAKE2)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
         while block := file.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    return digest.hexdigest()[:32]
 
 
 def _local(url: str, policy: MediaPolicy, label: str, param: str) -> Path:
@@ -153,7 +154,7 @@ def load_media(url: str, kind: str, policy: MediaPolicy, *, param: str = "messag
     try:
         path = Path(folder) / kind
         path.write_bytes(data)
-        yield Media(hashlib.blake2b(data, digest_size=16).hexdigest(), path, label)
+        yield Media(hashlib.sha256(data).hexdigest()[:32], path, label)  # = file_digest of these bytes
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
