@@ -4,6 +4,7 @@ parts (per-row stop strings and streaming, the encode cache's byte bound, the me
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import torch
 from PIL import Image
 from serving import FRAMES, QUESTIONS, Reference, build_served, messages
 
+from slowfast_adapter.core import encoded as encoded_module
+from slowfast_adapter.core.encoded import fingerprint as hash_
 from slowfast_adapter.inference.answers import AnswerRow
 from slowfast_adapter.inference.chat import SamplingParams
 from slowfast_adapter.inference.collate import collate
@@ -47,6 +50,28 @@ def test_answers_equal_generate_and_batches_equal_one_by_one(family_served):
     assert engine.counters["batches"] == batches + 1
     assert [job.result.text for job in jobs] == [answer.text for answer in alone]
     assert all(job.result.cache_hit for job in jobs)
+
+
+def test_the_worker_hashes_no_cached_video(family_served, monkeypatch):
+    """Videos are matched to the encode cache by a digest of their pixels (~60 ms per 64-frame 384-px video). A
+    request about a cached video hashes it once, while it is prepared in the caller's thread; the worker's own calls
+    (the length check, `generate`) and a batch of such requests (its rows' pixels put together) hash nothing."""
+    served, engine = family_served
+    cases = [(video, question) for video in served.names for question in QUESTIONS[:2]]
+    for video in served.names:  # encoded and cached
+        engine.chat(messages(video, QUESTIONS[0]), sampling=SamplingParams(max_tokens=2))
+    threads = []
+    monkeypatch.setattr(encoded_module, "fingerprint", lambda p: threads.append(threading.current_thread()) or hash_(p))
+    answer = engine.chat(messages(*cases[1]), sampling=SamplingParams(max_tokens=2))  # runs on the worker thread
+    assert answer.cache_hit and threads == [threading.current_thread()]
+    jobs = [engine.prepare(ChatJob("alpha", messages(*case), SamplingParams(max_tokens=4))) for case in cases]
+    assert len(threads) == 1 + len(cases)  # each prompt's one video, hashed while prepared
+    batches = engine.counters["batches"]
+    engine.run_batch(jobs)
+    assert engine.counters["batches"] == batches + 1 and all(job.result.cache_hit for job in jobs)
+    assert len(threads) == 1 + len(cases), "the batch hashed its pixels again"
+    alone = [engine.chat(messages(*case), sampling=SamplingParams(max_tokens=4)).text for case in cases]
+    assert [job.result.text for job in jobs] == alone  # each row read its own video's features
 
 
 def test_a_batch_is_its_rows_inputs_put_together_as_the_processor_batches_them(family_served):

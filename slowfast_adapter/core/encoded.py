@@ -28,6 +28,13 @@ def fingerprint(pixels: torch.Tensor) -> str:
     return f"{tuple(data.shape)}:{data.dtype}:{digest.hexdigest()[:32]}"
 
 
+def _memo_key(pixels: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """(the tensor `pixels` views, or `pixels` itself; the memo key: its id and the view's place in it)."""
+    owner = pixels._base if pixels._base is not None else pixels
+    place = (pixels.storage_offset(), tuple(pixels.shape), pixels.stride(), pixels.dtype, pixels.device)
+    return owner, (id(owner), *place)
+
+
 def _parameters_state(tensors: list[torch.Tensor]) -> tuple:
     """What cached slow K/V were projected with: the tensors' identity and in-place version counters."""
     return tuple((id(t), surface.tensor_version(t)) for t in tensors)
@@ -64,16 +71,22 @@ class EncodedVideos:
         view) are not seen: pass a new tensor after them."""
         if pixels.is_inference():  # no version counter
             return fingerprint(pixels)
-        owner = pixels._base if pixels._base is not None else pixels
-        key = (id(owner), pixels.storage_offset(), tuple(pixels.shape), pixels.stride(), pixels.dtype, pixels.device)
-        version = surface.tensor_version(pixels)
+        owner, key = _memo_key(pixels)
         memo = self.digests.get(key)
-        if memo is not None and memo[0]() is owner and memo[1] == version:
+        if memo is not None and memo[0]() is owner and memo[1] == surface.tensor_version(pixels):
             return memo[2]
         digest = fingerprint(pixels)
-        digests = self.digests
-        self.digests[key] = (weakref.ref(owner, lambda _: digests.pop(key, None)), version, digest)
+        self.remember(pixels, digest)
         return digest
+
+    def remember(self, pixels: torch.Tensor, digest: str) -> None:
+        """Take `digest` as `fingerprint(pixels)` without hashing: for pixels copied bit for bit from pixels of
+        that digest (a batch put together from its rows)."""
+        if pixels.is_inference():
+            return
+        owner, key = _memo_key(pixels)
+        digests = self.digests
+        digests[key] = (weakref.ref(owner, lambda _: digests.pop(key, None)), surface.tensor_version(pixels), digest)
 
     def __len__(self) -> int:
         return len(self.videos)

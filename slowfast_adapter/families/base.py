@@ -54,6 +54,11 @@ class ModelFamily:
         raise NotImplementedError
 
     # Encode once, ask many (`encoded.py`).
+    def video_pixels(self, inputs: dict[str, Any]) -> list[tuple[torch.Tensor, str]]:
+        """Each video's pixels in `inputs` (views of `pixel_values_videos`, in order) and what more identifies it
+        ('' or e.g. its patch grid): what the encode cache matches videos by (`video_items` reads these views)."""
+        raise NotImplementedError
+
     def video_items(
         self,
         model: nn.Module,

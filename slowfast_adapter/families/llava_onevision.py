@@ -89,7 +89,10 @@ class LlavaOnevisionFamily(ModelFamily):
             features = torch.cat([chunk[:, :-1] for chunk in chunks] + [chunks[-1][:, -1:]], dim=1)
             return [VideoFeatures(video) for video in features]
 
-        return encoded_items(list(pixel_values_videos), encode, encoded, store=store)
+        return encoded_items([pixels for pixels, _ in self.video_pixels(inputs)], encode, encoded, store=store)
+
+    def video_pixels(self, inputs: dict[str, Any]) -> list[tuple[torch.Tensor, str]]:
+        return [(video, "") for video in inputs["pixel_values_videos"]]  # [V, T, C, H, W] -> V x [T, C, H, W]
 
     def slow_video_tokens(self, video: VideoFeatures) -> torch.Tensor:
         return video.native[:-1]  # without the newline token

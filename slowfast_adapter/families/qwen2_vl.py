@@ -147,7 +147,7 @@ class Qwen2VLFamily(ModelFamily):
         video not cached in one call, or `chunk_frames` frames (whole temporal groups) per call when a video is
         longer. pixel_values_videos: [sum(T*H*W), patch dim], split by each video's grid (T, H, W)."""
         pixel_values_videos, grids = inputs["pixel_values_videos"], inputs["video_grid_thw"]  # grids: [V, 3]
-        per_video = pixel_values_videos.split(grids.prod(-1).tolist())
+        per_video, tags = zip(*self.video_pixels(inputs), strict=True)
         step = max(1, chunk_frames // model.config.vision_config.temporal_patch_size) if chunk_frames else 0
 
         def features(output: Any) -> list[VideoFeatures]:
@@ -177,8 +177,13 @@ class Qwen2VLFamily(ModelFamily):
                 return features(surface.video_features(model, pixel_values_videos, grids))
             return features(surface.video_features(model, torch.cat([per_video[i] for i in indices]), grids[indices]))
 
-        tags = [str(grid) for grid in grids.tolist()]
-        return encoded_items(list(per_video), encode, encoded, tags=tags, store=store)
+        return encoded_items(list(per_video), encode, encoded, tags=list(tags), store=store)
+
+    def video_pixels(self, inputs: dict[str, Any]) -> list[tuple[torch.Tensor, str]]:
+        """pixel_values_videos [sum(T*H*W), patch dim] split by each video's grid (T, H, W), the grid as its tag."""
+        grids = inputs["video_grid_thw"]
+        per_video = inputs["pixel_values_videos"].split(grids.prod(-1).tolist())
+        return [(pixels, str(grid)) for pixels, grid in zip(per_video, grids.tolist(), strict=True)]
 
     def forget_generate_state(self, model: nn.Module) -> None:
         surface.forget_rope_deltas(model)

@@ -280,6 +280,12 @@ class Engine:
         job.clips, job.images = clips, images
         job.prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         job.inputs = self.inputs([job])
+        entry = self.cache.peek(job.cache_key) if job.cache_key is not None else None
+        if entry is not None and entry.encoded is not None and job.inputs.get("pixel_values_videos") is not None:
+            # hash the cached videos' pixels here, in the caller's thread: the entry's memo keeps the digests, so
+            # the worker finds them instead of stopping the model to hash (~60 ms per 64-frame 384-px video)
+            for pixels, _ in self.model.family.video_pixels(job.inputs):
+                entry.encoded.fingerprint(pixels)
         return job
 
     def _clip(self, ref: MediaRef, media, reading: dict[str, Any]) -> VideoClip:
@@ -315,10 +321,14 @@ class Engine:
         return dict(inputs.to(self.model.device))
 
     def batch_inputs(self, jobs: Sequence[ChatJob]) -> dict[str, Any]:
-        """The batch of prepared jobs: their one-row inputs put together (`collate.collate`), or, where those cannot
-        be, the processor's batch (`inputs`)."""
-        batch = collate([job.inputs for job in jobs], self.processor.tokenizer.pad_token_id)
+        """The batch of prepared jobs: their one-row inputs put together (`collated`), or, where those cannot be,
+        the processor's batch (`inputs`)."""
+        batch = self.collated(jobs)
         return batch if batch is not None else self.inputs(jobs)
+
+    def collated(self, jobs: Sequence[ChatJob]) -> dict[str, Any] | None:
+        """The jobs' one-row inputs put together (`collate.collate`), None where they cannot be."""
+        return collate([job.inputs for job in jobs], self.processor.tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------------------------------- running
     def batch_key(self, job: ChatJob) -> tuple | None:
@@ -417,8 +427,14 @@ class Engine:
         tokenizer = self.processor.tokenizer
         rows = [AnswerRow(tokenizer, self.eos_ids, job.sampling.max_tokens, job.sampling.stop, job.on_text,
                           job.cancelled) for job in jobs]  # fmt: skip
-        inputs = first.inputs if len(jobs) == 1 else self.batch_inputs(jobs)
         encoded = _merged([e.encoded for e in entries if e is not None and e.encoded is not None])
+        if len(jobs) == 1:
+            inputs = first.inputs
+        elif (inputs := self.collated(jobs)) is not None:
+            if encoded is not None:
+                self._carry_digests(jobs, entries, inputs, encoded)
+        else:
+            inputs = self.inputs(jobs)
         sampling = first.sampling
         kwargs: dict[str, Any] = {"max_new_tokens": max(job.sampling.max_tokens for job in jobs),
                                   "stopping_criteria": StoppingCriteriaList([AnswerRows(rows)]),
@@ -432,6 +448,27 @@ class Engine:
                 torch.manual_seed(sampling.seed)
             self.model.generate(**inputs, encoded=encoded, **kwargs)
         return rows
+
+    def _carry_digests(
+        self, jobs: list[ChatJob], entries: list[CachedVideos | None], batch: dict[str, Any], merged: EncodedVideos
+    ) -> None:
+        """Give a collated batch's video pixels the digests of its rows' (memo hits): the batch holds its rows'
+        videos in row order, copied bit for bit, so it need not hash them again."""
+        if batch.get("pixel_values_videos") is None:
+            return
+        family = self.model.family
+        rows: list[tuple[torch.Tensor, str]] = []
+        for job, entry in zip(jobs, entries, strict=True):
+            if job.inputs.get("pixel_values_videos") is None:
+                continue
+            if entry is None or entry.encoded is None:
+                return
+            rows += [(pixels, entry.encoded.fingerprint(pixels)) for pixels, _ in family.video_pixels(job.inputs)]
+        views = [pixels for pixels, _ in family.video_pixels(batch)]
+        if [(v.shape, v.dtype) for v in views] != [(p.shape, p.dtype) for p, _ in rows]:
+            return  # not the layout this relies on: the batch hashes its pixels itself
+        for view, (_, digest) in zip(views, rows, strict=True):
+            merged.remember(view, digest)
 
     # ------------------------------------------------------------------------------------------- the worker
     def submit(self, job: ChatJob) -> ChatJob:
