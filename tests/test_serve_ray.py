@@ -273,6 +273,20 @@ def test_errors_keep_their_status(served):
     assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
 
 
+@SLOW
+def test_replicas_that_do_not_fit_the_local_cluster_are_refused(served):
+    """More CPUs than the machine has: a clear error and status 2, not replicas waiting forever to be scheduled."""
+    base_dir, adapter, videos, _, _ = served
+    command = [sys.executable, "-m", "slowfast_adapter.cli", "serve", "--base", str(base_dir), "--adapter",
+               f"a={adapter}", "--media-root", str(videos), "--port", str(LiveServer.free_port()), "--ray",
+               "--replicas", "1", "--replica-cpus", str(os.cpu_count() + 1)]  # fmt: skip
+    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True,
+                            timeout=STARTUP_S, start_new_session=True)  # fmt: skip
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"need {os.cpu_count() + 1} CPUs" in result.stderr and "Ask for fewer --replicas" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -53,6 +53,10 @@ HEADER_REPLICA, HEADER_BATCH, HEADER_CACHE = "x-slowfast-replica", "x-slowfast-b
 REPLICA_KEY = "@replica:"  # a routing key that names a replica by its rank (the router's /metrics asks each one)
 
 
+class ClusterTooSmall(ValueError):
+    """The local Ray cluster has fewer CPUs than the replicas ask for."""
+
+
 def video_key(body: bytes) -> str:
     """The routing key of a chat request: a digest of its `video_url` URLs in order ('' when it has none or the body
     is not a chat request; the replica then answers it, errors included)."""
@@ -349,8 +353,15 @@ def start(
         ray.init(address=address)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
     if cpus_per_replica is None:
-        cpus_per_replica = max(1.0, float(int(ray.cluster_resources().get("CPU", 1)) // replicas))
+        cpus_per_replica = max(1.0, float(int(cpus) // replicas))
+    if not address and replicas * cpus_per_replica > cpus:  # a joined cluster may add nodes; this one cannot
+        raise ClusterTooSmall(
+            f"{replicas} replica(s) x {cpus_per_replica:g} CPUs need {replicas * cpus_per_replica:g} CPUs, and the "
+            f"local Ray cluster has {cpus:g}: the rest would wait forever to be scheduled. Ask for fewer --replicas "
+            f"or fewer --replica-cpus (e.g. {cpus / replicas:.2g}; replicas then share cores)."
+        )
     serve.start(http_options={"host": host, "port": port})
     app = build(load, replicas=replicas, cpus_per_replica=cpus_per_replica, route_by_video=route_by_video,
                 batch_wait_s=batch_wait_s)  # fmt: skip

@@ -191,5 +191,7 @@ def run_ray(args: argparse.Namespace, load: dict) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         return 0
+    except ray_app.ClusterTooSmall as err:
+        raise ServeError(str(err)) from err
     finally:
         ray_app.shutdown(joined=bool(args.ray_address))
