@@ -279,13 +279,16 @@ class Engine:
     def _prepared(self, job: ChatJob, conversation: list[dict], clips: list[VideoClip], images: list) -> ChatJob:
         job.clips, job.images = clips, images
         job.prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        job.inputs = self.inputs([job])
+        host = self.inputs([job], on_model=False)
+        job.inputs = {k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in host.items()}
         entry = self.cache.peek(job.cache_key) if job.cache_key is not None else None
-        if entry is not None and entry.encoded is not None and job.inputs.get("pixel_values_videos") is not None:
-            # hash the cached videos' pixels here, in the caller's thread: the entry's memo keeps the digests, so
-            # the worker finds them instead of stopping the model to hash (~60 ms per 64-frame 384-px video)
-            for pixels, _ in self.model.family.video_pixels(job.inputs):
-                entry.encoded.fingerprint(pixels)
+        if entry is not None and entry.encoded is not None and host.get("pixel_values_videos") is not None:
+            # hash the cached videos' pixels here, in the caller's thread and before they reach the model's device:
+            # the entry's memo keeps the digests (for the device copies too), so the worker finds them instead of
+            # stopping the model to hash (~60 ms per 64-frame 384-px video)
+            family = self.model.family
+            for (pixels, _), (moved, _) in zip(family.video_pixels(host), family.video_pixels(job.inputs), strict=True):
+                entry.encoded.remember(moved, entry.encoded.fingerprint(pixels))
         return job
 
     def _clip(self, ref: MediaRef, media, reading: dict[str, Any]) -> VideoClip:
@@ -305,8 +308,9 @@ class Engine:
             raise RequestError(f"Cannot read {media.label} as an image.", code="invalid_image",
                                param=ref.param) from err  # fmt: skip
 
-    def inputs(self, jobs: Sequence[ChatJob]) -> dict[str, Any]:
-        """The stock processor's left-padded batch for prepared jobs (every frame read is kept)."""
+    def inputs(self, jobs: Sequence[ChatJob], *, on_model: bool = True) -> dict[str, Any]:
+        """The stock processor's left-padded batch for prepared jobs (every frame read is kept), on the model's
+        device (`on_model=False`: on the host, where the processor made it)."""
         kwargs: dict[str, Any] = {}
         clips = [clip for job in jobs for clip in job.clips]
         images = [image for job in jobs for image in job.images]
@@ -318,7 +322,7 @@ class Engine:
         texts = [job.prompt for job in jobs]
         inputs = self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
         inputs.pop("token_type_ids", None)
-        return dict(inputs.to(self.model.device))
+        return dict(inputs.to(self.model.device)) if on_model else dict(inputs)
 
     def batch_inputs(self, jobs: Sequence[ChatJob]) -> dict[str, Any]:
         """The batch of prepared jobs: their one-row inputs put together (`collated`), or, where those cannot be,
