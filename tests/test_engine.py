@@ -14,6 +14,7 @@ from serving import FRAMES, QUESTIONS, Reference, build_served, messages
 
 from slowfast_adapter.core import encoded as encoded_module
 from slowfast_adapter.core.encoded import fingerprint as hash_
+from slowfast_adapter.families.llava_onevision import LlavaOnevisionFamily
 from slowfast_adapter.inference.answers import AnswerRow
 from slowfast_adapter.inference.chat import SamplingParams
 from slowfast_adapter.inference.collate import collate
@@ -72,6 +73,22 @@ def test_the_worker_hashes_no_cached_video(family_served, monkeypatch):
     assert len(threads) == 1 + len(cases), "the batch hashed its pixels again"
     alone = [engine.chat(messages(*case), sampling=SamplingParams(max_tokens=4)).text for case in cases]
     assert [job.result.text for job in jobs] == alone  # each row read its own video's features
+
+
+def test_cached_videos_are_hashed_before_their_pixels_reach_the_models_device(family_served, monkeypatch):
+    """On a GPU the engine hashes the host's pixels and gives the device copy their digest: hashing the copy would
+    bring 113 MB per video back from the GPU. A meta device stands in for the GPU (a meta tensor cannot be hashed)."""
+    served, engine = family_served
+    if not isinstance(engine.model.family, LlavaOnevisionFamily):
+        pytest.skip("Qwen-VL splits its pixels by the grids' values, which a meta tensor does not hold")
+    engine.chat(messages(served.names[0], QUESTIONS[0]), sampling=SamplingParams(max_tokens=2))  # encoded, cached
+    monkeypatch.setattr(engine.model, "device", torch.device("meta"), raising=False)
+    job = engine.prepare(ChatJob("alpha", messages(served.names[0], QUESTIONS[1]), SamplingParams(max_tokens=2)))
+    views = [pixels for pixels, _ in engine.model.family.video_pixels(job.inputs)]
+    assert views and all(view.device.type == "meta" for view in views)
+    host = engine.model.family.video_pixels(engine.inputs([job], on_model=False))
+    memo = engine.cache.peek(job.cache_key).encoded
+    assert [memo.fingerprint(view) for view in views] == [hash_(pixels) for pixels, _ in host]
 
 
 def test_a_batch_is_its_rows_inputs_put_together_as_the_processor_batches_them(family_served):
