@@ -104,12 +104,19 @@ def kernel_skipped(variant: dict):
     if not variant.get("skip_kernel"):
         yield
         return
-    kernel = hybrid.slow_cross_attention
-    hybrid.slow_cross_attention = lambda query, *args, **kwargs: torch.zeros_like(query)
+    kernel, calls = hybrid.slow_cross_attention, []
+
+    def skipped(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        calls.append(1)
+        return torch.zeros_like(query)
+
+    hybrid.slow_cross_attention = skipped
     try:
         yield
     finally:
         hybrid.slow_cross_attention = kernel
+    if not calls:
+        raise RuntimeError("no_kernel: the hybrid layers never called hybrid.slow_cross_attention, so the kernel ran.")
 
 
 def step_bytes(model, length: int, slow_tokens: int, hybrid_layers: list[int]) -> dict[str, int]:

@@ -106,7 +106,7 @@ def test_a_batch_is_its_rows_inputs_put_together_as_the_processor_batches_them(f
     images = [Image.fromarray(frame) for frame in frames]
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]}]
     image_jobs = [engine.prepare_read(ChatJob("alpha", []), conversation, images=[image]) for image in images]
-    assert_same_inputs(engine.batch_inputs(image_jobs), engine.inputs(image_jobs))
+    assert_same_inputs(engine.batch_inputs(image_jobs)[0], engine.inputs(image_jobs))
 
 
 def test_collate_pads_tokens_on_the_left_and_refuses_what_it_cannot_join():

@@ -141,8 +141,8 @@ def test_slow_kv_are_held_in_sdpa_layout(base, processor):
         model(**make_inputs(processor, SAMPLES))
     text = base.config.text_config
     head_dim = text.hidden_size // text.num_attention_heads
+    slow_tokens = contexts[0].slow.tokens.shape[1]
     for key, value in contexts[0].slow_kv.values():
         for tensor in (key, value):
             assert tensor.is_contiguous()
-            slow_tokens = contexts[0].slow.tokens.shape[1]
             assert tensor.shape == (len(SAMPLES), text.num_key_value_heads, slow_tokens, head_dim)

@@ -280,7 +280,7 @@ class Engine:
         job.clips, job.images = clips, images
         job.prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         host = self.inputs([job], on_model=False)
-        job.inputs = {k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in host.items()}
+        job.inputs = self._to_model(host)
         entry = self.cache.peek(job.cache_key) if job.cache_key is not None else None
         if entry is not None and entry.encoded is not None and host.get("pixel_values_videos") is not None:
             # hash the cached videos' pixels here, in the caller's thread and before they reach the model's device:
@@ -322,17 +322,16 @@ class Engine:
         texts = [job.prompt for job in jobs]
         inputs = self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
         inputs.pop("token_type_ids", None)
-        return dict(inputs.to(self.model.device)) if on_model else dict(inputs)
+        return self._to_model(dict(inputs)) if on_model else dict(inputs)
 
-    def batch_inputs(self, jobs: Sequence[ChatJob]) -> dict[str, Any]:
-        """The batch of prepared jobs: their one-row inputs put together (`collated`), or, where those cannot be,
-        the processor's batch (`inputs`)."""
-        batch = self.collated(jobs)
-        return batch if batch is not None else self.inputs(jobs)
+    def _to_model(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
-    def collated(self, jobs: Sequence[ChatJob]) -> dict[str, Any] | None:
-        """The jobs' one-row inputs put together (`collate.collate`), None where they cannot be."""
-        return collate([job.inputs for job in jobs], self.processor.tokenizer.pad_token_id)
+    def batch_inputs(self, jobs: Sequence[ChatJob]) -> tuple[dict[str, Any], bool]:
+        """The batch of prepared jobs: their one-row inputs put together (`collate.collate`), or, where those cannot
+        be, the processor's batch (`inputs`); and whether it is the rows' own tensors put together."""
+        batch = collate([job.inputs for job in jobs], self.processor.tokenizer.pad_token_id)
+        return (batch, True) if batch is not None else (self.inputs(jobs), False)
 
     # ------------------------------------------------------------------------------------------- running
     def batch_key(self, job: ChatJob) -> tuple | None:
@@ -432,13 +431,9 @@ class Engine:
         rows = [AnswerRow(tokenizer, self.eos_ids, job.sampling.max_tokens, job.sampling.stop, job.on_text,
                           job.cancelled) for job in jobs]  # fmt: skip
         encoded = _merged([e.encoded for e in entries if e is not None and e.encoded is not None])
-        if len(jobs) == 1:
-            inputs = first.inputs
-        elif (inputs := self.collated(jobs)) is not None:
-            if encoded is not None:
-                self._carry_digests(jobs, entries, inputs, encoded)
-        else:
-            inputs = self.inputs(jobs)
+        inputs, collated = (first.inputs, False) if len(jobs) == 1 else self.batch_inputs(jobs)
+        if collated and encoded is not None:
+            self._carry_digests(jobs, entries, inputs, encoded)
         sampling = first.sampling
         kwargs: dict[str, Any] = {"max_new_tokens": max(job.sampling.max_tokens for job in jobs),
                                   "stopping_criteria": StoppingCriteriaList([AnswerRows(rows)]),
