@@ -8,7 +8,8 @@ timed; one request alone and batches of 4, greedy, `--tokens` tokens. Two settin
 - `as shipped`: the digests are known when the worker starts;
 - `worker hashes`: every digest the preparation remembered is dropped first, so the worker hashes each request's
   videos itself, once per request (a batch still takes its rows' digests).
-Every run is checked to have hit the cache and to give the same answers in both settings.
+Every run is checked to have hit the cache, to have hashed in the worker what its setting says (nothing as shipped,
+each request's video when the worker hashes), and to give the same answers in both settings.
 
 The model is a tiny random LLaVA-OneVision (1 layer) at the real frame size (384 px, 64 frames: 113 MB of fp32
 pixels per video), so the time is the engine's own work around the LLM, not the LLM's.
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, write_results  # noqa: E402
 
 import slowfast_adapter as sfa  # noqa: E402
+from slowfast_adapter.core import encoded  # noqa: E402
 from slowfast_adapter.inference.chat import SamplingParams  # noqa: E402
 from slowfast_adapter.inference.engine import ChatJob, Engine, EngineSettings  # noqa: E402
 from slowfast_adapter.tools.tiny import build_tiny_llava_onevision, random_video, write_mp4  # noqa: E402
@@ -68,10 +70,16 @@ def run(engine: Engine, rows: int, videos: int, tokens: int, setting: str) -> tu
     if setting == "worker_hashes":
         for job in jobs:
             engine.cache.peek(job.cache_key).encoded.digests.clear()
-    batches = engine.counters["batches"]
-    start = time.perf_counter()
-    engine.run_batch(jobs)
-    worker = time.perf_counter() - start
+    batches, hashed, fingerprint = engine.counters["batches"], [], encoded.fingerprint
+    encoded.fingerprint = lambda pixels: hashed.append(1) or fingerprint(pixels)  # counts the worker's hashing
+    try:
+        start = time.perf_counter()
+        engine.run_batch(jobs)
+        worker = time.perf_counter() - start
+    finally:
+        encoded.fingerprint = fingerprint
+    expected = rows if setting == "worker_hashes" else 0  # one video per request
+    assert len(hashed) == expected, f"{setting}: the worker hashed {len(hashed)} videos, not {expected}"
     assert engine.counters["batches"] == batches + 1, "the requests did not run as one batch"
     assert all(job.result is not None and job.result.cache_hit for job in jobs), "a request missed the cache"
     return prepared, worker, [job.result.text for job in jobs]

@@ -65,13 +65,11 @@ def served(tiny_dirs, tmp_path_factory):
     for i in range(VIDEOS):
         write_mp4(videos / f"v{i}.mp4", random_video(16, size=32, seed=i))
     port = LiveServer.free_port()
-    command = [sys.executable, "-m", "slowfast_adapter.cli", "serve", "--base", str(base_dir), "--adapter",
-               f"a={root / 'adapter'}", "--media-root", str(videos), "--num-frames", str(FRAMES), "--port", str(port),
-               "--ray", "--replicas", "2", "--replica-cpus", "1", "--batch-wait-ms", "500"]  # fmt: skip
-    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "RAY_DEDUP_LOGS": "0"}
+    command = serve_command(base_dir, root / "adapter", videos, port, "--replicas", "2", "--replica-cpus", "1",
+                            "--batch-wait-ms", "500")  # fmt: skip
     log = (root / "server.log").open("w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(command, env={**cli_env(), "RAY_DEDUP_LOGS": "0"}, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process, STARTUP_S, lambda: (root / "server.log").read_text()[-3000:])
@@ -86,6 +84,21 @@ def served(tiny_dirs, tmp_path_factory):
         log.close()
     assert stopped == 0, (root / "server.log").read_text()[-3000:]
     assert _session_members(process.pid) == [], "serve --ray left processes behind"
+
+
+def serve_command(base_dir: Path, adapter: Path, videos: Path, port: int, *ray_options: str) -> list[str]:
+    """`slowfast-adapter serve --ray` on the tiny base and adapter `a`, reading `videos`, with `ray_options`."""
+    return [sys.executable, "-m", "slowfast_adapter.cli", "serve", "--base", str(base_dir), "--adapter",
+            f"a={adapter}", "--media-root", str(videos), "--num-frames", str(FRAMES), "--port", str(port), "--ray",
+            *ray_options]  # fmt: skip
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: this checkout importable."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
@@ -277,12 +290,10 @@ def test_errors_keep_their_status(served):
 def test_replicas_that_do_not_fit_the_local_cluster_are_refused(served):
     """More CPUs than the machine has: a clear error and status 2, not replicas waiting forever to be scheduled."""
     base_dir, adapter, videos, _, _ = served
-    command = [sys.executable, "-m", "slowfast_adapter.cli", "serve", "--base", str(base_dir), "--adapter",
-               f"a={adapter}", "--media-root", str(videos), "--port", str(LiveServer.free_port()), "--ray",
-               "--replicas", "1", "--replica-cpus", str(os.cpu_count() + 1)]  # fmt: skip
-    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
-    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True,
-                            timeout=STARTUP_S, start_new_session=True)  # fmt: skip
+    command = serve_command(base_dir, adapter, videos, LiveServer.free_port(), "--replicas", "1", "--replica-cpus",
+                            str(os.cpu_count() + 1))  # fmt: skip
+    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=STARTUP_S,
+                            start_new_session=True)  # fmt: skip
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"need {os.cpu_count() + 1} CPUs" in result.stderr and "Ask for fewer --replicas" in result.stderr
 
